@@ -1,0 +1,388 @@
+"""Accuracy tables and paired statistics for minimal-pair evaluations.
+
+Only numpy, scipy and pydantic; no torch, no vllm.
+
+A *record* is the result for one pair in one run: anything with the attributes
+(or mapping keys) ``source``, ``paradigm``, ``pair_id``, ``phenomenon`` and a
+boolean correctness field (``correct`` by default; pass ``correct_field`` to use
+another, e.g. ``correct_sum`` for TSE's summed-log-probability variant).
+:class:`PairRecord` is a ready-made model for it.
+
+Grouping: rows are labelled by the group value (e.g. the paradigm name); when
+the records come from more than one source (``blimp``, ``tse``, ``tse-ml``) the
+label is ``"<source>:<value>"`` so that, say, ``tse`` and ``tse-ml`` tests with the
+same name are never pooled. The ``overall`` row pools every pair.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+from scipy import stats as _sps
+
+__all__ = [
+    "AccuracyRow",
+    "AccuracyTable",
+    "ComparisonRow",
+    "PairRecord",
+    "RunMismatchError",
+    "accuracy_table",
+    "compare_runs",
+    "mcnemar",
+    "paired_bootstrap_ci",
+]
+
+OVERALL = "overall"
+MCNEMAR_EXACT_BELOW = 25
+
+
+class RunMismatchError(ValueError):
+    """Two runs to be compared do not cover the same pairs (or disagree on their groups)."""
+
+
+class PairRecord(BaseModel):
+    """The result for one minimal pair in one run."""
+
+    model_config = ConfigDict(extra="allow")
+
+    source: str
+    paradigm: str
+    pair_id: int
+    phenomenon: str
+    correct: bool
+
+
+class AccuracyRow(BaseModel):
+    level: str  # "paradigm", "phenomenon", ... or "overall"
+    group: str
+    n: int
+    n_correct: int
+    accuracy: float
+
+
+class AccuracyTable(BaseModel):
+    rows: list[AccuracyRow]
+
+    def level(self, level: str) -> dict[str, AccuracyRow]:
+        """The rows of one level, keyed by group label."""
+        return {r.group: r for r in self.rows if r.level == level}
+
+    @property
+    def overall(self) -> AccuracyRow:
+        return next(r for r in self.rows if r.level == OVERALL)
+
+
+class ComparisonRow(BaseModel):
+    """Run B against run A on the same pairs; ``delta = acc_b - acc_a``.
+
+    ``b01``: pairs A got wrong and B got right; ``b10``: A right, B wrong.
+    """
+
+    level: str
+    group: str
+    n: int
+    acc_a: float
+    acc_b: float
+    delta: float
+    ci_lo: float
+    ci_hi: float
+    b01: int
+    b10: int
+    p_value: float
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _get(rec: Any, name: str, i: int) -> Any:
+    if isinstance(rec, Mapping):
+        if name in rec:
+            return rec[name]
+    elif hasattr(rec, name):
+        return getattr(rec, name)
+    raise ValueError(f"record {i} has no field {name!r}: {rec!r}")
+
+
+def _as_bool(v: Any, name: str, i: int) -> bool:
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)) and v in (0, 1):
+        return bool(v)
+    raise ValueError(f"record {i}: field {name!r} must be a boolean, got {v!r}")
+
+
+def _as_bool_array(x: Any, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if arr.dtype != bool:
+        if arr.size and not np.isin(arr, (0, 1)).all():
+            raise ValueError(f"{name} must hold booleans (or 0/1)")
+        arr = arr.astype(bool)
+    return arr
+
+
+class _Table:
+    """Records flattened into columns."""
+
+    def __init__(
+        self, records: Iterable[Any], group_keys: Sequence[str], correct_field: str
+    ) -> None:
+        self.keys: list[tuple[str, str, int]] = []
+        self.groups: dict[str, list[str]] = {k: [] for k in group_keys}
+        correct: list[bool] = []
+        for i, r in enumerate(records):
+            src = str(_get(r, "source", i))
+            self.keys.append((src, str(_get(r, "paradigm", i)), int(_get(r, "pair_id", i))))
+            for k in group_keys:
+                self.groups[k].append(str(_get(r, k, i)))
+            correct.append(_as_bool(_get(r, correct_field, i), correct_field, i))
+        self.correct = np.asarray(correct, dtype=bool)
+        self.multi_source = len({k[0] for k in self.keys}) > 1
+
+    def labels(self, group_key: str) -> list[str]:
+        vals = self.groups[group_key]
+        if not self.multi_source:
+            return vals
+        return [f"{k[0]}:{v}" for k, v in zip(self.keys, vals, strict=True)]
+
+
+def _index_groups(labels: Sequence[str]) -> dict[str, np.ndarray]:
+    idx: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(labels):
+        idx[g].append(i)
+    return {g: np.asarray(idx[g], dtype=np.int64) for g in sorted(idx)}
+
+
+def _acc_row(level: str, group: str, correct: np.ndarray) -> AccuracyRow:
+    n = int(correct.size)
+    k = int(correct.sum())
+    return AccuracyRow(level=level, group=group, n=n, n_correct=k, accuracy=k / n if n else float("nan"))
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def accuracy_table(
+    data: Mapping[str, Sequence[bool]] | Iterable[Any],
+    *,
+    group_keys: Sequence[str] = ("paradigm", "phenomenon"),
+    phenomenon_of: Mapping[str, str] | None = None,
+    correct_field: str = "correct",
+) -> AccuracyTable:
+    """Accuracy per group and overall, pooled over pairs (not averaged over groups).
+
+    ``data`` is either a mapping ``paradigm -> [correct, ...]`` (then
+    ``phenomenon_of`` maps paradigms to phenomena for the pooled phenomenon rows,
+    and ``group_keys`` is ignored) or an iterable of records, grouped by each of
+    ``group_keys`` in turn. Groups within a level are sorted by label; the
+    ``overall`` row comes last.
+    """
+    rows: list[AccuracyRow] = []
+    if isinstance(data, Mapping):
+        arrays = {str(k): _as_bool_array(v, f"data[{k!r}]") for k, v in data.items()}
+        for g in sorted(arrays):
+            rows.append(_acc_row("paradigm", g, arrays[g]))
+        if phenomenon_of is not None:
+            missing = sorted(set(arrays) - set(phenomenon_of))
+            if missing:
+                raise ValueError(f"phenomenon_of has no entry for: {', '.join(missing)}")
+            pooled: dict[str, list[np.ndarray]] = defaultdict(list)
+            for g, arr in arrays.items():
+                pooled[str(phenomenon_of[g])].append(arr)
+            for ph in sorted(pooled):
+                rows.append(_acc_row("phenomenon", ph, np.concatenate(pooled[ph])))
+        allc = np.concatenate(list(arrays.values())) if arrays else np.zeros(0, dtype=bool)
+        rows.append(_acc_row(OVERALL, OVERALL, allc))
+        return AccuracyTable(rows=rows)
+
+    tab = _Table(data, group_keys, correct_field)
+    for gk in group_keys:
+        for g, idx in _index_groups(tab.labels(gk)).items():
+            rows.append(_acc_row(gk, g, tab.correct[idx]))
+    rows.append(_acc_row(OVERALL, OVERALL, tab.correct))
+    return AccuracyTable(rows=rows)
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def paired_bootstrap_ci(
+    a_correct: np.ndarray,
+    b_correct: np.ndarray,
+    n_boot: int = 10000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    *,
+    method: Literal["multinomial", "index"] = "multinomial",
+    chunk_elems: int = 1 << 22,
+) -> tuple[float, float, float]:
+    """Paired percentile bootstrap for ``acc(B) - acc(A)`` on the same pairs.
+
+    Each replicate resamples the *pairs* (with replacement, ``n`` of ``n``) and
+    takes the mean of ``d = b - a``, per pair in ``{-1, 0, +1}``. Returns
+    ``(delta, lo, hi)``: the observed difference and the ``alpha/2`` and
+    ``1 - alpha/2`` quantiles (numpy's default linear interpolation) of the
+    replicates.
+
+    ``method="multinomial"`` (default) draws the replicate's counts of
+    ``d = -1, 0, +1`` directly from Multinomial(n, observed proportions). As the
+    resampled mean depends on the resample only through these counts, this is
+    the same bootstrap distribution as resampling indices, exactly, at O(n_boot)
+    cost whatever ``n``. ``method="index"`` resamples indices explicitly, in
+    chunks of about ``chunk_elems`` draws to bound memory; with the same seed it
+    reproduces, draw for draw, the loop
+    ``for _ in range(n_boot): idx = rng.integers(0, n, n); reps.append(d[idx].mean())``
+    with ``rng = np.random.default_rng(seed)``.
+    """
+    a = _as_bool_array(a_correct, "a_correct")
+    b = _as_bool_array(b_correct, "b_correct")
+    if a.shape != b.shape:
+        raise ValueError(f"a_correct and b_correct differ in length: {a.size} vs {b.size}")
+    n = a.size
+    if n == 0:
+        raise ValueError("no pairs to bootstrap")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    d = b.astype(np.int8) - a.astype(np.int8)
+    delta = float(d.sum(dtype=np.int64)) / n
+    rng = np.random.default_rng(seed)
+    if method == "multinomial":
+        n_neg = int((d < 0).sum())
+        n_pos = int((d > 0).sum())
+        pvals = np.array([n_neg, n - n_neg - n_pos, n_pos], dtype=np.float64) / n
+        counts = rng.multinomial(n, pvals, size=n_boot)
+        reps = (counts[:, 2] - counts[:, 0]) / n
+    elif method == "index":
+        rows = max(1, int(chunk_elems) // n)
+        reps = np.empty(n_boot, dtype=np.float64)
+        for start in range(0, n_boot, rows):
+            m = min(rows, n_boot - start)
+            idx = rng.integers(0, n, size=(m, n))
+            reps[start : start + m] = d[idx].sum(axis=1, dtype=np.int64) / n
+    else:
+        raise ValueError(f"unknown method {method!r} (use 'multinomial' or 'index')")
+    lo, hi = np.quantile(reps, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return delta, float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------- McNemar
+
+
+def mcnemar(
+    a_correct: np.ndarray,
+    b_correct: np.ndarray,
+    *,
+    exact: bool | None = None,
+    exact_below: int = MCNEMAR_EXACT_BELOW,
+) -> tuple[int, int, float]:
+    """McNemar's test of equal accuracy for two systems on the same pairs.
+
+    Returns ``(b01, b10, p_value)`` with ``b01`` = pairs A got wrong and B right,
+    ``b10`` = A right and B wrong. Only the discordant pairs matter: under the null
+    ``b01 ~ Binomial(b01 + b10, 1/2)``.
+
+    - ``exact=None`` (default): the exact two-sided binomial test
+      (``scipy.stats.binomtest``) when ``b01 + b10 < exact_below`` (25), where
+      the chi-square approximation is poor; otherwise the chi-square statistic
+      with Edwards' continuity correction ``(|b01 - b10| - 1)^2 / (b01 + b10)``
+      on 1 degree of freedom (the correction is floored at 0, so equal counts give
+      p = 1). ``exact=True``/``False`` forces one or the other.
+    - No discordant pairs: p = 1.0.
+    """
+    a = _as_bool_array(a_correct, "a_correct")
+    b = _as_bool_array(b_correct, "b_correct")
+    if a.shape != b.shape:
+        raise ValueError(f"a_correct and b_correct differ in length: {a.size} vs {b.size}")
+    b01 = int((~a & b).sum())
+    b10 = int((a & ~b).sum())
+    nd = b01 + b10
+    if nd == 0:
+        return b01, b10, 1.0
+    use_exact = nd < exact_below if exact is None else exact
+    if use_exact:
+        p = _sps.binomtest(b01, nd, 0.5, alternative="two-sided").pvalue
+    else:
+        stat = max(abs(b01 - b10) - 1, 0) ** 2 / nd
+        p = _sps.chi2.sf(stat, df=1)
+    return b01, b10, float(min(1.0, p))
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _keyed(tab: _Table, which: str) -> dict[tuple[str, str, int], int]:
+    pos: dict[tuple[str, str, int], int] = {}
+    for i, k in enumerate(tab.keys):
+        if k in pos:
+            raise RunMismatchError(f"run {which} has pair {k} more than once")
+        pos[k] = i
+    return pos
+
+
+def compare_runs(
+    records_a: Iterable[Any],
+    records_b: Iterable[Any],
+    group_keys: Sequence[str] = ("paradigm", "phenomenon"),
+    *,
+    correct_field: str = "correct",
+    n_boot: int = 10000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> list[ComparisonRow]:
+    """Compare run B with run A pair by pair: one row per group of each of
+    ``group_keys`` (sorted by label within a level), then an ``overall`` row.
+
+    Pairs are matched on ``(source, paradigm, pair_id)``; the two runs must hold
+    exactly the same pairs (else :class:`RunMismatchError`, with examples), and
+    agree on each pair's group values. Each row's CI is
+    :func:`paired_bootstrap_ci` (same ``seed`` for every row) and its p-value
+    :func:`mcnemar`. p-values are not corrected for multiple comparisons.
+    """
+    ta = _Table(records_a, group_keys, correct_field)
+    tb = _Table(records_b, group_keys, correct_field)
+    pa, pb = _keyed(ta, "A"), _keyed(tb, "B")
+    if pa.keys() != pb.keys():
+        only_a = sorted(pa.keys() - pb.keys())
+        only_b = sorted(pb.keys() - pa.keys())
+        raise RunMismatchError(
+            f"the runs cover different pairs: A has {len(pa)}, B has {len(pb)}; "
+            f"{len(only_a)} only in A (e.g. {only_a[:5]}), "
+            f"{len(only_b)} only in B (e.g. {only_b[:5]})"
+        )
+    keys = sorted(pa)
+    ia = np.fromiter((pa[k] for k in keys), dtype=np.int64, count=len(keys))
+    ib = np.fromiter((pb[k] for k in keys), dtype=np.int64, count=len(keys))
+    ca, cb = ta.correct[ia], tb.correct[ib]
+
+    def row(level: str, group: str, sel: np.ndarray | slice) -> ComparisonRow:
+        a, b = ca[sel], cb[sel]
+        delta, lo, hi = paired_bootstrap_ci(a, b, n_boot=n_boot, alpha=alpha, seed=seed)
+        b01, b10, p = mcnemar(a, b)
+        return ComparisonRow(
+            level=level, group=group, n=int(a.size), acc_a=float(a.mean()),
+            acc_b=float(b.mean()), delta=delta, ci_lo=lo, ci_hi=hi, b01=b01, b10=b10,
+            p_value=p,
+        )
+
+    rows: list[ComparisonRow] = []
+    for gk in group_keys:
+        la, lb = ta.labels(gk), tb.labels(gk)
+        labels = [la[i] for i in ia]
+        for k, i, j in zip(keys, ia, ib, strict=True):
+            if la[i] != lb[j]:
+                raise RunMismatchError(
+                    f"pair {k}: {gk} is {ta.groups[gk][i]!r} in run A but "
+                    f"{tb.groups[gk][j]!r} in run B"
+                )
+        for g, idx in _index_groups(labels).items():
+            rows.append(row(gk, g, idx))
+    if keys:
+        rows.append(row(OVERALL, OVERALL, slice(None)))
+    return rows

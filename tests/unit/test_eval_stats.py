@@ -1,0 +1,268 @@
+"""Tests for eval.stats: accuracy tables, paired bootstrap, McNemar, run comparison."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from eval.stats import (
+    PairRecord,
+    RunMismatchError,
+    accuracy_table,
+    compare_runs,
+    mcnemar,
+    paired_bootstrap_ci,
+)
+
+
+def _pairs(n_both: int, n_neither: int, n_b_only: int, n_a_only: int) -> tuple[np.ndarray, np.ndarray]:
+    """a/b correctness with the given 2x2 cell counts, in a fixed interleaved order."""
+    a = [True] * n_both + [False] * n_neither + [False] * n_b_only + [True] * n_a_only
+    b = [True] * n_both + [False] * n_neither + [True] * n_b_only + [False] * n_a_only
+    perm = np.random.default_rng(123).permutation(len(a))
+    return np.asarray(a)[perm], np.asarray(b)[perm]
+
+
+# --------------------------------------------------------------------------- McNemar
+
+
+def _binom_two_sided(k: int, n: int) -> float:
+    """Hand formula: p = min(1, 2 * P(X <= min(k, n-k))), X ~ Bin(n, 1/2)."""
+    m = min(k, n - k)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(m + 1)) / 2**n)
+
+
+@pytest.mark.parametrize(
+    ("b01", "b10", "expected"),
+    [
+        (3, 0, 0.25),  # 2 * 1/8
+        (1, 5, 14 / 64),  # 2 * (1 + 6) / 64
+        (2, 8, 112 / 1024),  # 2 * (1 + 10 + 45) / 1024
+        (4, 4, 1.0),
+        (0, 1, 1.0),
+        (17, 7, None),  # 24 discordant: still exact
+    ],
+)
+def test_mcnemar_exact(b01, b10, expected):
+    a, b = _pairs(50, 30, b01, b10)
+    got = mcnemar(a, b)
+    ref = _binom_two_sided(b01, b01 + b10)
+    if expected is not None:
+        assert ref == pytest.approx(expected, abs=1e-15)
+    assert got[:2] == (b01, b10)
+    assert got[2] == pytest.approx(ref, rel=1e-12)
+
+
+def test_mcnemar_chi_square_with_continuity_correction():
+    a, b = _pairs(100, 20, 30, 10)
+    b01, b10, p = mcnemar(a, b)
+    assert (b01, b10) == (30, 10)
+    stat = (abs(30 - 10) - 1) ** 2 / 40  # 9.025
+    assert p == pytest.approx(math.erfc(math.sqrt(stat / 2)), rel=1e-12)  # chi2(1) survival
+    assert p == pytest.approx(0.0026633, rel=1e-4)
+    # 25 discordant is the first count that uses chi-square; exact=True forces binomial
+    a, b = _pairs(0, 0, 18, 7)
+    assert mcnemar(a, b)[2] == pytest.approx(math.erfc(math.sqrt((11 - 1) ** 2 / 25 / 2)))
+    assert mcnemar(a, b, exact=True)[2] == pytest.approx(_binom_two_sided(18, 25), rel=1e-12)
+    # balanced discordance: continuity correction floored at zero
+    a, b = _pairs(5, 5, 20, 20)
+    assert mcnemar(a, b)[2] == 1.0
+
+
+def test_mcnemar_no_discordant_pairs_and_validation():
+    a, b = _pairs(10, 5, 0, 0)
+    assert mcnemar(a, b) == (0, 0, 1.0)
+    assert mcnemar(np.array([1, 0, 1]), np.array([1, 1, 1])) == (1, 0, 1.0)
+    with pytest.raises(ValueError, match="differ in length"):
+        mcnemar(np.ones(3, bool), np.ones(4, bool))
+    with pytest.raises(ValueError, match="booleans"):
+        mcnemar(np.array([0.5, 1.0]), np.array([1, 1]))
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def _slow_bootstrap(a, b, n_boot, alpha, seed):
+    rng = np.random.default_rng(seed)
+    d = b.astype(int) - a.astype(int)
+    reps = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(d), size=len(d))
+        reps.append(sum(d[i] for i in idx) / len(d))
+    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
+    return d.mean(), lo, hi
+
+
+def test_bootstrap_index_matches_slow_loop_exactly():
+    a, b = _pairs(20, 6, 8, 3)  # n = 37 (odd on purpose)
+    ref = _slow_bootstrap(a, b, n_boot=300, alpha=0.1, seed=5)
+    for chunk in (1, 37 * 7, 1 << 22):  # one replicate per chunk, 7 per chunk, all at once
+        got = paired_bootstrap_ci(a, b, n_boot=300, alpha=0.1, seed=5, method="index",
+                                  chunk_elems=chunk)
+        assert got == pytest.approx(ref, abs=1e-12)
+    assert ref[0] == pytest.approx(5 / 37)
+
+
+def test_bootstrap_ci_contains_true_delta_and_has_right_width():
+    a, b = _pairs(300, 40, 40, 20)  # n = 400, delta = (40 - 20) / 400 = 0.05
+    n = 400
+    var_d = 60 / n - 0.05**2
+    half = 1.959964 * math.sqrt(var_d / n)  # normal-approximation half-width, 0.0376
+    for method in ("multinomial", "index"):
+        delta, lo, hi = paired_bootstrap_ci(a, b, n_boot=10000, seed=0, method=method)
+        assert delta == pytest.approx(0.05, abs=1e-15)
+        assert lo < 0.05 < hi
+        assert lo == pytest.approx(0.05 - half, abs=0.005)
+        assert hi == pytest.approx(0.05 + half, abs=0.005)
+        # every replicate is a multiple of 1/n, so the quantiles lie on that grid or between
+        assert -1 <= lo <= hi <= 1
+
+
+def test_bootstrap_multinomial_agrees_with_index_in_distribution():
+    a, b = _pairs(120, 40, 25, 15)
+    m = paired_bootstrap_ci(a, b, n_boot=40000, seed=1, method="multinomial", alpha=0.2)
+    i = paired_bootstrap_ci(a, b, n_boot=40000, seed=2, method="index", alpha=0.2)
+    assert m[0] == i[0] == pytest.approx(0.05)
+    assert m[1] == pytest.approx(i[1], abs=0.004)
+    assert m[2] == pytest.approx(i[2], abs=0.004)
+
+
+def test_bootstrap_determinism_edge_cases_and_speed():
+    a, b = _pairs(50, 20, 10, 5)
+    assert paired_bootstrap_ci(a, b, seed=3) == paired_bootstrap_ci(a, b, seed=3)
+    # (with 10,000 replicates the quantiles often land on the same 1/n grid point)
+    assert paired_bootstrap_ci(a, b, n_boot=30, seed=3) != paired_bootstrap_ci(a, b, n_boot=30, seed=4)
+    same = np.array([True, False, True])
+    assert paired_bootstrap_ci(same, same) == (0.0, 0.0, 0.0)
+    assert paired_bootstrap_ci(np.zeros(4, bool), np.ones(4, bool)) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="no pairs"):
+        paired_bootstrap_ci(np.zeros(0, bool), np.zeros(0, bool))
+    with pytest.raises(ValueError, match="alpha"):
+        paired_bootstrap_ci(a, b, alpha=1.5)
+    with pytest.raises(ValueError, match="method"):
+        paired_bootstrap_ci(a, b, method="bca")
+    # TSE-sized input, 10,000 replicates: well under a second
+    big_a, big_b = _pairs(120_000, 20_000, 10_000, 8_084)
+    t = time.perf_counter()
+    delta, lo, hi = paired_bootstrap_ci(big_a, big_b, n_boot=10000)
+    assert time.perf_counter() - t < 2.0  # typically ~10 ms; generous for loaded machines
+    assert delta == pytest.approx(1916 / 158_084)
+    assert lo < delta < hi
+
+
+# --------------------------------------------------------------------------- accuracy tables
+
+
+def test_accuracy_table_from_dict():
+    tab = accuracy_table(
+        {"p1": [True, True, False, True], "p2": [False, True], "p3": [True] * 4},
+        phenomenon_of={"p1": "X", "p2": "X", "p3": "Y"},
+    )
+    par = tab.level("paradigm")
+    assert {g: (r.n, r.n_correct, r.accuracy) for g, r in par.items()} == {
+        "p1": (4, 3, 0.75), "p2": (2, 1, 0.5), "p3": (4, 4, 1.0),
+    }
+    ph = tab.level("phenomenon")
+    assert (ph["X"].n, ph["X"].accuracy) == (6, pytest.approx(4 / 6))  # pooled, not mean of 0.75, 0.5
+    assert (ph["Y"].n, ph["Y"].accuracy) == (4, 1.0)
+    assert (tab.overall.n, tab.overall.n_correct, tab.overall.accuracy) == (10, 8, 0.8)
+    assert [r.level for r in tab.rows] == ["paradigm"] * 3 + ["phenomenon"] * 2 + ["overall"]
+    with pytest.raises(ValueError, match="no entry for: p3"):
+        accuracy_table({"p3": [True]}, phenomenon_of={})
+
+
+def test_accuracy_table_from_records_multi_source():
+    recs = [
+        {"source": "blimp", "paradigm": "p1", "pair_id": 0, "phenomenon": "X", "correct": True},
+        {"source": "blimp", "paradigm": "p1", "pair_id": 1, "phenomenon": "X", "correct": False},
+        PairRecord(source="tse", paradigm="p1", pair_id=0, phenomenon="p1", correct=True),
+        PairRecord(source="tse-ml", paradigm="p1", pair_id=0, phenomenon="p1", correct=False,
+                   correct_sum=True),
+    ]
+    tab = accuracy_table(recs)
+    assert {g: r.accuracy for g, r in tab.level("paradigm").items()} == {
+        "blimp:p1": 0.5, "tse:p1": 1.0, "tse-ml:p1": 0.0,
+    }
+    assert set(tab.level("phenomenon")) == {"blimp:X", "tse:p1", "tse-ml:p1"}
+    assert tab.overall.accuracy == 0.5
+    with pytest.raises(ValueError, match="no field 'correct_sum'"):
+        accuracy_table(recs, correct_field="correct_sum")
+    one_source = accuracy_table(recs[:2], group_keys=("paradigm",))
+    assert list(one_source.level("paradigm")) == ["p1"]
+
+
+# --------------------------------------------------------------------------- compare_runs
+
+
+def _run(spec: dict[str, tuple[str, list[bool]]], source: str = "blimp") -> list[dict]:
+    return [
+        {"source": source, "paradigm": par, "pair_id": i, "phenomenon": ph, "correct": c}
+        for par, (ph, cs) in spec.items()
+        for i, c in enumerate(cs)
+    ]
+
+
+def test_compare_runs_constructed():
+    rng = np.random.default_rng(0)
+    a1, b1 = _pairs(30, 10, 2, 8)  # p1: A 38/50, B 32/50
+    a2, b2 = _pairs(20, 5, 5, 0)  # p2: A 20/30, B 25/30
+    a3, b3 = _pairs(15, 5, 0, 0)  # p3: identical
+    run_a = _run({"p1": ("X", list(a1)), "p2": ("X", list(a2)), "p3": ("Y", list(a3))})
+    run_b = _run({"p1": ("X", list(b1)), "p2": ("X", list(b2)), "p3": ("Y", list(b3))})
+    run_b = [run_b[i] for i in rng.permutation(len(run_b))]  # order must not matter
+    rows = compare_runs(run_a, run_b, n_boot=2000, seed=0)
+    by = {(r.level, r.group): r for r in rows}
+    assert [(r.level, r.group) for r in rows] == [
+        ("paradigm", "p1"), ("paradigm", "p2"), ("paradigm", "p3"),
+        ("phenomenon", "X"), ("phenomenon", "Y"), ("overall", "overall"),
+    ]
+    p1 = by[("paradigm", "p1")]
+    assert (p1.n, p1.acc_a, p1.acc_b, p1.b01, p1.b10) == (50, 0.76, 0.64, 2, 8)
+    assert p1.delta == pytest.approx(-0.12)
+    assert p1.p_value == pytest.approx(_binom_two_sided(2, 10))  # 0.109375
+    assert p1.ci_lo < -0.12 < p1.ci_hi
+    p2 = by[("paradigm", "p2")]
+    assert (p2.b01, p2.b10, p2.p_value) == (5, 0, pytest.approx(0.0625))
+    p3 = by[("paradigm", "p3")]
+    assert (p3.delta, p3.ci_lo, p3.ci_hi, p3.p_value) == (0.0, 0.0, 0.0, 1.0)
+    x = by[("phenomenon", "X")]
+    assert (x.n, x.b01, x.b10) == (80, 7, 8)
+    assert x.acc_a == pytest.approx(58 / 80) and x.acc_b == pytest.approx(57 / 80)
+    assert x.p_value == pytest.approx(_binom_two_sided(7, 15))
+    ov = by[("overall", "overall")]
+    assert (ov.n, ov.b01, ov.b10) == (100, 7, 8)
+    assert ov.delta == pytest.approx(-0.01)
+    assert ov.acc_a == pytest.approx(73 / 100) and ov.acc_b == pytest.approx(72 / 100)
+    # row CI equals a direct call on the same pairs, in key order
+    assert (p1.delta, p1.ci_lo, p1.ci_hi) == paired_bootstrap_ci(a1, b1, n_boot=2000, seed=0)
+
+
+def test_compare_runs_mismatch_and_duplicates():
+    run_a = _run({"p1": ("X", [True, False, True])})
+    run_b = _run({"p1": ("X", [True, False])})
+    with pytest.raises(RunMismatchError, match=r"A has 3, B has 2; 1 only in A \(e\.g\. \[\('blimp', 'p1', 2\)\]\)"):
+        compare_runs(run_a, run_b)
+    with pytest.raises(RunMismatchError, match="more than once"):
+        compare_runs(run_a + run_a[:1], run_a + run_a[:1])
+    other_source = _run({"p1": ("X", [True, False, True])}, source="tse")
+    with pytest.raises(RunMismatchError, match="only in B"):
+        compare_runs(run_a, other_source)
+    relabelled = [dict(r, phenomenon="Z") for r in run_a]
+    with pytest.raises(RunMismatchError, match="phenomenon is 'X' in run A but 'Z' in run B"):
+        compare_runs(run_a, relabelled)
+    assert compare_runs([], []) == []
+
+
+def test_compare_runs_alternate_correct_field_and_sources():
+    recs = [
+        PairRecord(source=s, paradigm="agr", pair_id=i, phenomenon="agr",
+                   correct=bool(i % 2), correct_sum=bool(i % 3))
+        for s in ("tse", "tse-ml") for i in range(12)
+    ]
+    rows = compare_runs(recs, recs, group_keys=("paradigm",), correct_field="correct_sum")
+    assert [r.group for r in rows] == ["tse-ml:agr", "tse:agr", "overall"]
+    assert all(r.delta == 0 and r.p_value == 1.0 for r in rows)
+    assert rows[-1].acc_a == pytest.approx(16 / 24)  # i % 3 != 0 for 8 of 12, per source

@@ -1,0 +1,84 @@
+"""The ``negablate`` command line.
+
+Sub-commands are grouped by task: ``sets`` (inspect and check neuron-set
+files), and later ``serve``, ``eval``, ``neurons``, ``models``, ``reproduce``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vllm_negablate.neuron_set import ModelFingerprint, NeuronSet, NeuronSetError
+
+app = typer.Typer(
+    help="Sign-specific MLP neuron ablation for vLLM: serve, evaluate, discover, reproduce.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+sets_app = typer.Typer(help="Inspect and check neuron-set JSON files.", no_args_is_help=True)
+app.add_typer(sets_app, name="sets")
+console = Console()
+
+
+@app.command()
+def version() -> None:
+    """Print the plugin version and the vLLM versions it supports."""
+    from vllm_negablate import SUPPORTED_VLLM, __version__
+
+    console.print(f"vllm-negablate {__version__} (vLLM >={SUPPORTED_VLLM[0]},<{SUPPORTED_VLLM[1]})")
+
+
+@sets_app.command("show")
+def sets_show(path: Path) -> None:
+    """Show a neuron set: model, provenance and neurons per layer."""
+    try:
+        ns = NeuronSet.load(path)
+    except NeuronSetError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"[bold]{ns.name}[/bold]  hash {ns.content_hash()}  ({ns.num_neurons()} neurons)")
+    console.print(f"model: {ns.model.architecture}, {ns.model.num_layers} layers x "
+                  f"{ns.model.intermediate_size} neurons")
+    console.print(f"provenance: {ns.provenance.model_dump_json()}")
+    table = Table("layer", "neurons", "modes")
+    modes: dict[int, set[str]] = {}
+    for e in ns.entries:
+        modes.setdefault(e.layer, set()).add(e.mode.value)
+    for layer, count in ns.counts_per_layer().items():
+        table.add_row(str(layer), str(count), ",".join(sorted(modes[layer])))
+    console.print(table)
+
+
+@sets_app.command("validate")
+def sets_validate(
+    path: Path,
+    model_dir: Path | None = typer.Option(
+        None, help="HF model directory: also check the set fits this model's shape."
+    ),
+) -> None:
+    """Check a neuron-set file (schema, ranges, and optionally the model shape)."""
+    try:
+        ns = NeuronSet.load(path)
+        if model_dir is not None:
+            cfg = json.loads((model_dir / "config.json").read_text())
+            text = cfg.get("text_config", cfg)
+            fp = ModelFingerprint(
+                architecture=(cfg.get("architectures") or ["?"])[0],
+                num_layers=text["num_hidden_layers"],
+                intermediate_size=text.get("intermediate_size") or text.get("n_inner")
+                or 4 * text.get("n_embd", text.get("hidden_size", 0)),
+            )
+            ns.check_compatible(fp)
+    except NeuronSetError as exc:
+        console.print(f"[red]invalid:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"[green]ok[/green] {ns.name} ({ns.num_neurons()} neurons, hash {ns.content_hash()})")
+
+
+if __name__ == "__main__":
+    app()

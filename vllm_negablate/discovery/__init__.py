@@ -1,0 +1,1 @@
+"""Discovery of Wasserstein neurons: streaming statistics and exact W1 scores."""
