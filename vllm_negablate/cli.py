@@ -25,6 +25,23 @@ app.add_typer(sets_app, name="sets")
 console = Console()
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                      "help_option_names": []},
+    add_help_option=False,
+)
+def serve(ctx: typer.Context) -> None:
+    """Serve MODEL with vLLM's OpenAI API plus the neuron-set control API.
+
+    negablate serve MODEL [--neuron-sets DIR] [--admin-key KEY] [--max-sets N]
+    [any `vllm serve` argument]. Binds 127.0.0.1:8000 unless --host/--port say
+    otherwise. `negablate serve --help` lists every option.
+    """
+    from server.app import main as serve_main
+
+    serve_main(list(ctx.args))
+
+
 @app.command()
 def version() -> None:
     """Print the plugin version and the vLLM versions it supports."""

@@ -1,0 +1,170 @@
+"""ASGI middleware: admin auth for the control API, and neuron-set selection per request.
+
+vLLM adds it through its own ``--middleware`` option (``build_app`` must see it
+before the middleware stack is built), so it is the outermost layer and runs
+before vLLM's ``--api-key`` check. It does three things:
+
+* Control routes (``/v1/neuron-sets``, ``/v1/ablation``): check
+  ``Authorization: Bearer <admin key>``; without it answer 401 (403 for
+  writes when no admin key is configured) and stop. When cleared, the
+  request is marked authorized and, if vLLM has API keys, its header is
+  swapped for one so vLLM's own check passes: the admin key is the credential
+  for control calls, the API key for completions.
+* ``/v1/completions`` and ``/v1/chat/completions``: ``"model": "BASE@SET"``
+  becomes ``"model": "BASE"`` plus ``vllm_xargs.neuron_set = SET``;
+  ``vllm_xargs.neuron_set`` given directly is checked the same way. An unknown
+  set is an OpenAI-style 404 before anything reaches the engine. The set is
+  marked in use (made resident if it had been evicted) until the response,
+  streamed or not, has been sent.
+* Everything else passes through untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from server.routes import AUTH_SCOPE_KEY
+from server.schemas import ErrorResponse
+
+CONTROL_PREFIXES = ("/v1/neuron-sets", "/v1/ablation")
+SCORING_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+SET_KEY = "neuron_set"
+
+
+async def _send_json(send, status: int, body: dict[str, Any]) -> None:
+    payload = json.dumps(body).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+    })
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
+    return ErrorResponse.make(status, message, type_, param).model_dump()
+
+
+def _bearer(scope) -> str:
+    for key, value in scope.get("headers", []):
+        if key == b"authorization":
+            text = value.decode("latin-1")
+            return text[7:] if text[:7].lower() == "bearer " else ""
+    return ""
+
+
+def _replace_header(scope, name: bytes, value: bytes | None) -> dict:
+    headers = [(k, v) for k, v in scope["headers"] if k != name]
+    if value is not None:
+        headers.append((name, value))
+    return {**scope, "headers": headers}
+
+
+class NegablateMiddleware:
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"].removeprefix(scope.get("root_path", "") or "")
+        if path.startswith(CONTROL_PREFIXES):
+            return await self._control(scope, receive, send)
+        if scope["method"] == "POST" and path in SCORING_PATHS:
+            return await self._scoring(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    # ----------------------------------------------------------- control API
+    async def _control(self, scope, receive, send) -> None:
+        state = scope["app"].state
+        admin_key: str | None = getattr(state, "negablate_admin_key", None)
+        given = _bearer(scope)
+        if admin_key:
+            if not hmac.compare_digest(given.encode(), admin_key.encode()):
+                return await _send_json(send, 401, _error(
+                    401, "invalid or missing admin key: send 'Authorization: Bearer <admin key>'",
+                    "AuthenticationError"))
+        elif scope["method"] not in ("GET", "HEAD"):
+            return await _send_json(send, 403, _error(
+                403, "the control API is read-only because no admin key is configured: start "
+                "`negablate serve` with --admin-key KEY (or set NEGABLATE_ADMIN_KEY)",
+                "PermissionDeniedError"))
+        scope = {**scope, AUTH_SCOPE_KEY: True}
+        api_keys = getattr(state, "negablate_api_keys", None)
+        if api_keys:  # let vLLM's own --api-key check pass: the admin key was the credential
+            scope = _replace_header(scope, b"authorization", f"Bearer {api_keys[0]}".encode())
+        return await self.app(scope, receive, send)
+
+    # ------------------------------------------------------------ completions
+    async def _scoring(self, scope, receive, send) -> None:
+        state = scope["app"].state
+        registry = getattr(state, "negablate", None)
+        api_keys = getattr(state, "negablate_api_keys", None)
+        if registry is None or (api_keys and _bearer(scope) not in api_keys):
+            return await self.app(scope, receive, send)  # vLLM answers (401, or no plugin)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        name, data = self._select(data, state)
+        if isinstance(name, dict):  # an error body
+            return await _send_json(send, name["error"]["code"], name)
+        if name is not None:
+            body = json.dumps(data).encode()
+            scope = _replace_header(scope, b"content-length", str(len(body)).encode())
+            try:
+                await registry.acquire(name)
+            except Exception as exc:
+                return await _send_json(send, 409, _error(409, str(exc), "ConflictError", "model"))
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:  # vLLM keeps listening for http.disconnect
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if name is not None:
+                registry.release(name)
+
+    @staticmethod
+    def _select(data: Any, state) -> tuple[Any, Any]:
+        """(set name or None or an error dict, rewritten body)."""
+        if not isinstance(data, dict):
+            return None, data  # vLLM reports the malformed body
+        registry = state.negablate
+        model = data.get("model")
+        xargs = data.get("vllm_xargs")
+        xargs = dict(xargs) if isinstance(xargs, dict) else None
+        name = xargs.get(SET_KEY) if xargs else None
+        if isinstance(model, str) and "@" in model:
+            base, _, at_name = model.partition("@")
+            models = state.openai_serving_models
+            if not models.is_base_model(base):
+                return None, data  # vLLM's own "model does not exist" 404
+            if name is not None and name != at_name:
+                return _error(400, f"model names set {at_name!r} but vllm_xargs.neuron_set is {name!r}",
+                              "BadRequestError", "model"), data
+            name = at_name
+            data = {**data, "model": base}
+        if name is None:
+            return None, data
+        if not isinstance(name, str) or name not in registry.sets:
+            return _error(404, f"The neuron set `{name}` does not exist. Loaded sets: "
+                          f"{sorted(registry.sets)}.", "NotFoundError", "model"), data
+        data = {**data, "vllm_xargs": {**(xargs or {}), SET_KEY: name}}
+        return name, data

@@ -1,0 +1,142 @@
+"""The control API: neuron sets uploaded, listed, activated and removed at runtime.
+
+Added to vLLM's own FastAPI app, so the routes share its port, its error
+format and its OpenAPI page (/docs). Authentication happens in
+:mod:`server.middleware` (it must run before vLLM's ``--api-key`` check); the
+dependency below refuses any request the middleware did not clear.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+
+from server.registry import CapacityError, SetNotFound, SetRegistry, WorkerError
+from server.schemas import (
+    AblationState,
+    DeletedResponse,
+    ErrorResponse,
+    NeuronSetList,
+    NeuronSetSummary,
+    SetDefaultRequest,
+    WorkerState,
+)
+from vllm_negablate.neuron_set import NeuronSet, NeuronSetError
+
+AUTH_SCOPE_KEY = "negablate_authorized"
+
+
+def require_admin(request: Request) -> None:
+    if request.scope.get(AUTH_SCOPE_KEY) is not True:
+        raise HTTPException(HTTPStatus.UNAUTHORIZED, "admin key required (Authorization: Bearer <admin key>)")
+
+
+def get_registry(request: Request) -> SetRegistry:
+    return request.app.state.negablate
+
+
+ERRORS = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong admin key."},
+    403: {"model": ErrorResponse, "description": "No admin key configured: read-only."},
+    404: {"model": ErrorResponse, "description": "Unknown neuron set."},
+    409: {"model": ErrorResponse, "description": "Slots full or set in use."},
+    422: {"model": ErrorResponse, "description": "Invalid set (schema, range, model shape)."},
+}
+
+router = APIRouter(tags=["neuron sets"], dependencies=[Depends(require_admin)], responses=ERRORS)
+
+
+def _summary(reg: SetRegistry, ns: NeuronSet) -> NeuronSetSummary:
+    return NeuronSetSummary(
+        name=ns.name,
+        content_hash=ns.content_hash(),
+        num_neurons=ns.num_neurons(),
+        layers=ns.counts_per_layer(),
+        modes=sorted({e.mode.value for e in ns.entries}),
+        provenance=ns.provenance,
+        resident=ns.name in reg.last_used,
+        in_flight=reg.in_flight[ns.name],
+        is_default=reg.default == ns.name,
+    )
+
+
+def _http_error(exc: Exception) -> HTTPException:
+    if isinstance(exc, SetNotFound):
+        return HTTPException(HTTPStatus.NOT_FOUND, str(exc))
+    if isinstance(exc, CapacityError):
+        return HTTPException(HTTPStatus.CONFLICT, str(exc))
+    if isinstance(exc, (WorkerError, NeuronSetError)):
+        return HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc))
+    return HTTPException(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+@router.get("/v1/neuron-sets", response_model=NeuronSetList, summary="List neuron sets")
+async def list_sets(reg: SetRegistry = Depends(get_registry)) -> NeuronSetList:
+    return NeuronSetList(
+        default=reg.default,
+        max_resident=reg.max_resident,
+        data=[_summary(reg, ns) for _, ns in sorted(reg.sets.items())],
+    )
+
+
+@router.put("/v1/neuron-sets/{name}", response_model=NeuronSetSummary, summary="Upload or replace a set")
+async def put_set(name: str, neuron_set: NeuronSet, reg: SetRegistry = Depends(get_registry)) -> NeuronSetSummary:
+    """Validate the set against the served model, load it on every worker, persist it.
+
+    Requests already running keep the content they started with.
+    """
+    if neuron_set.name != name:
+        raise HTTPException(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            f"the set's name {neuron_set.name!r} differs from the URL's {name!r}",
+        )
+    try:
+        await reg.put(neuron_set)
+    except Exception as exc:
+        raise _http_error(exc) from exc
+    return _summary(reg, neuron_set)
+
+
+@router.get("/v1/neuron-sets/{name}", response_model=NeuronSet, summary="Get a set")
+async def get_set(name: str, reg: SetRegistry = Depends(get_registry)) -> NeuronSet:
+    try:
+        return reg.get(name)
+    except SetNotFound as exc:
+        raise _http_error(exc) from exc
+
+
+@router.delete("/v1/neuron-sets/{name}", response_model=DeletedResponse, summary="Remove a set")
+async def delete_set(name: str, reg: SetRegistry = Depends(get_registry)) -> DeletedResponse:
+    try:
+        await reg.delete(name)
+    except Exception as exc:
+        raise _http_error(exc) from exc
+    return DeletedResponse(deleted=name)
+
+
+async def _state(reg: SetRegistry) -> AblationState:
+    workers = [WorkerState(**{k: s[k] for k in WorkerState.model_fields}) for s in await reg.worker_states()]
+    views = [{n: i["content_hash"] for n, i in w.sets.items()} for w in workers]
+    return AblationState(
+        model=reg.fingerprint,
+        default=reg.default,
+        resident=reg.resident,
+        workers=workers,
+        consistent=all(v == views[0] for v in views) and all(w.default == reg.default for w in workers),
+    )
+
+
+@router.put("/v1/ablation/default", response_model=AblationState, summary="Set the default set")
+async def set_default(body: SetDefaultRequest, reg: SetRegistry = Depends(get_registry)) -> AblationState:
+    """Requests that name no set use the default *as it was when they were admitted*."""
+    try:
+        await reg.set_default(body.name)
+    except Exception as exc:
+        raise _http_error(exc) from exc
+    return await _state(reg)
+
+
+@router.get("/v1/ablation", response_model=AblationState, summary="Ablation state of every worker")
+async def get_state(reg: SetRegistry = Depends(get_registry)) -> AblationState:
+    return await _state(reg)

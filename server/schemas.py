@@ -1,0 +1,71 @@
+"""Pydantic models of the control API (they appear in vLLM's OpenAPI at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from vllm_negablate.neuron_set import ModelFingerprint, Provenance
+
+
+class NeuronSetSummary(BaseModel):
+    name: str
+    content_hash: str
+    num_neurons: int
+    layers: dict[int, int] = Field(description="Ablated neurons per layer.")
+    modes: list[str]
+    provenance: Provenance
+    resident: bool = Field(description="Loaded on the workers now (else reloaded on first use).")
+    in_flight: int = Field(description="Requests using this set right now.")
+    is_default: bool
+
+
+class NeuronSetList(BaseModel):
+    object: str = "list"
+    default: str | None
+    max_resident: int
+    data: list[NeuronSetSummary]
+
+
+class SetDefaultRequest(BaseModel):
+    name: str | None = Field(description="Neuron set for requests that name none; null: no ablation.")
+
+
+class WorkerState(BaseModel):
+    tp_rank: int
+    tp_size: int
+    kernel: str
+    default: str | None
+    sets: dict[str, dict[str, Any]]
+    layers: list[int]
+    in_flight: int
+
+
+class AblationState(BaseModel):
+    model: ModelFingerprint
+    default: str | None
+    resident: list[str]
+    workers: list[WorkerState] = Field(description="What each TP/PP rank reports (content hashes).")
+    consistent: bool = Field(description="All workers report the same sets and hashes.")
+
+
+class DeletedResponse(BaseModel):
+    deleted: str
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI-style error body, the same shape vLLM returns."""
+
+    error: ErrorInfo
+
+    @classmethod
+    def make(cls, code: int, message: str, type_: str, param: str | None = None) -> ErrorResponse:
+        return cls(error=ErrorInfo(message=message, type=type_, param=param, code=code))
