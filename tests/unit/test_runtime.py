@@ -13,63 +13,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from vllm_negablate.neuron_set import LayerAblation, ModelFingerprint, NeuronSet, NeuronSetError
 from vllm_negablate.ops import SignAblatedActivation, set_runtime
 from vllm_negablate.runtime import NEURON_SET_HASH_KEY, NEURON_SET_KEY, WorkerRuntime
 from vllm_negablate.sharding import ShardSpec, pipeline_layer_range
 from vllm_negablate.step_plan import StepPlan
+from vllm_negablate.testing.fake_model import FakeModel, SiluAndMul
 
 HIDDEN, WIDTH, LAYERS = 8, 12, 3
 FP = ModelFingerprint(architecture="Fake", num_layers=LAYERS, intermediate_size=WIDTH)
-
-
-class SiluAndMul(nn.Module):
-    def forward(self, x):
-        d = x.shape[-1] // 2
-        return F.silu(x[..., :d]) * x[..., d:]
-
-
-class ColumnLinear(nn.Module):
-    def __init__(self, weight):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.output_size_per_partition = weight.shape[0]
-
-    def forward(self, x):
-        return x @ self.weight.T, None
-
-
-class GatedMLP(nn.Module):
-    def __init__(self, w_gate, w_up):
-        super().__init__()
-        self.gate_up_proj = ColumnLinear(torch.cat([w_gate, w_up]))
-        self.act_fn = SiluAndMul()
-
-    def forward(self, x):
-        h, _ = self.gate_up_proj(x)
-        return self.act_fn(h)  # [tokens, local width]: no down_proj, we compare activations
-
-
-class Layer(nn.Module):
-    def __init__(self, mlp):
-        super().__init__()
-        self.mlp = mlp
-
-
-class FakeModel(nn.Module):
-    def __init__(self, weights, tp_rank=0, tp_size=1, layers=None):
-        super().__init__()
-        d = WIDTH // tp_size
-        sl = slice(tp_rank * d, (tp_rank + 1) * d)
-        owned = range(LAYERS) if layers is None else layers
-        self.layers = nn.ModuleDict(
-            {str(i): Layer(GatedMLP(weights[i][0][sl], weights[i][1][sl])) for i in owned}
-        )
-
-    def forward(self, x):
-        return {int(i): layer.mlp(x) for i, layer in self.layers.items()}
 
 
 @pytest.fixture(scope="module")

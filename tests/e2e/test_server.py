@@ -1,0 +1,181 @@
+"""`negablate serve` over HTTP: every control route, auth, per-request sets, persistence.
+
+One server (tiny Llama, fp32) for the module; the last test restarts it with a
+truncated set file on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from server.client import NegablateAPIError, NegablateClient
+from vllm_negablate.oracle import HFAblationOracle
+from vllm_negablate.testing.engines import TOL, max_diff, random_prompts
+from vllm_negablate.testing.server import ServerProcess
+from vllm_negablate.testing.sets import random_set
+
+pytestmark = pytest.mark.slow
+ADMIN = "admin-secret"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    sets_dir = root / "sets"
+    model_dir = tiny_models["llama"]
+    server = ServerProcess(model_dir, "--admin-key", ADMIN, "--neuron-sets", str(sets_dir),
+                           log_path=root / "server.log").start()
+    yield server, model_dir, sets_dir
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_models):
+    return HFAblationOracle(tiny_models["llama"])
+
+
+@pytest.fixture
+def client(served):
+    with NegablateClient(served[0].url, admin_key=ADMIN) as c:
+        yield c
+
+
+def test_upload_list_get_models_and_delete(served, client):
+    server, model_dir, sets_dir = served
+    a = random_set(model_dir, "A", "negative", seed=1)
+    summary = client.upload_set(a)
+    assert summary.content_hash == a.content_hash() and summary.num_neurons == a.num_neurons()
+    assert summary.resident and (sets_dir / "A.json").exists()
+    assert [s.name for s in client.list_sets().data] == ["A"]
+    assert client.get_set("A") == a
+    ids = [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]]
+    assert ids == ["tiny", "tiny@A"]
+    tmp = random_set(model_dir, "tmp", "both", seed=2)
+    client.upload_set(tmp)
+    client.delete_set("tmp")
+    assert not (sets_dir / "tmp.json").exists()
+    assert [s.name for s in client.list_sets().data] == ["A"]
+    state = client.state()
+    assert state.consistent and state.workers[0].sets["A"]["content_hash"] == a.content_hash()
+
+
+@pytest.mark.parametrize("key", [None, "wrong"])
+def test_control_calls_need_the_admin_key(served, key):
+    server, model_dir, _ = served
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    before = httpx.get(f"{server.url}/v1/neuron-sets", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+    ns = random_set(model_dir, "intruder", "negative")
+    calls = [
+        ("GET", "/v1/neuron-sets", None), ("GET", "/v1/ablation", None),
+        ("PUT", "/v1/neuron-sets/intruder", ns.model_dump(mode="json")),
+        ("DELETE", "/v1/neuron-sets/A", None), ("PUT", "/v1/ablation/default", {"name": "A"}),
+    ]
+    for method, path, body in calls:
+        r = httpx.request(method, f"{server.url}{path}", json=body, headers=headers)
+        assert r.status_code == 401, (method, path, r.text)
+        assert r.json()["error"]["type"] == "AuthenticationError"
+    after = httpx.get(f"{server.url}/v1/neuron-sets", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+    assert after == before
+
+
+def test_invalid_uploads_are_rejected_with_clear_errors(served, client):
+    server, model_dir, sets_dir = served
+    before = client.list_sets()
+    ns = random_set(model_dir, "bad", "negative", seed=3)
+    raw = ns.model_dump(mode="json")
+    raw["entries"][1]["neurons"].append(999)
+    r = httpx.put(f"{server.url}/v1/neuron-sets/bad", json=raw, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 400 and "entries[1] (layer 1): neuron index 999 is out of range" in r.text
+    wrong = ns.model_copy(update={"model": ns.model.model_copy(update={"intermediate_size": 256})})
+    with pytest.raises(NegablateAPIError) as info:
+        client.upload_set(wrong)
+    assert info.value.status == 422 and "intermediate_size: set has 256, model has 128" in info.value.message
+    r = httpx.put(f"{server.url}/v1/neuron-sets/bad", content=b'{"name": "bad", "model": ',
+                  headers={"Authorization": f"Bearer {ADMIN}", "content-type": "application/json"})
+    assert r.status_code == 400
+    r = httpx.put(f"{server.url}/v1/neuron-sets/other", json=ns.model_dump(mode="json"),
+                  headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 422 and "differs from the URL" in r.text
+    with pytest.raises(NegablateAPIError) as info:
+        client.set_default("missing")
+    assert info.value.status == 404
+    assert client.list_sets() == before and not (sets_dir / "bad.json").exists()
+
+
+def test_per_request_selection_equals_the_oracle(served, client, oracle):
+    server, model_dir, _ = served
+    b = random_set(model_dir, "B", "positive", seed=4)
+    client.upload_set(b)
+    a = client.get_set("A")
+    texts = random_prompts(2, length=30, seed=7)
+    for name, ns in [(None, None), ("A", a), ("B", b)]:
+        for use_xargs in (False, True):
+            got = client.score(texts, name, use_xargs=use_xargs)
+            for t, row in zip(texts, got):
+                assert max_diff(row.logprobs, oracle.prompt_logprobs(t, ns)) < TOL
+    ab = client.ab(texts, None, "A")
+    assert all(abs(d) > 1e-3 for d in ab.deltas())
+    for body in ({"model": "tiny@nope"}, {"model": "tiny", "vllm_xargs": {"neuron_set": "nope"}}):
+        r = httpx.post(f"{server.url}/v1/completions",
+                       json={**body, "prompt": texts[0], "max_tokens": 1, "echo": True, "logprobs": 0})
+        assert r.status_code == 404
+        assert r.json()["error"]["type"] == "NotFoundError" and "nope" in r.json()["error"]["message"]
+
+
+def test_switching_the_default_under_load_never_mixes_sets(served, client):
+    """8 clients score while the default flips every 50 ms: each answer is exactly one reference."""
+    text = random_prompts(1, length=60, seed=8)[0]
+    refs = {name: client.score([text], name)[0].logprobs for name in (None, "A", "B")}
+    assert max_diff(refs[None], refs["A"]) > 1e-3 and max_diff(refs["A"], refs["B"]) > 1e-3
+    counts = {None: 0, "A": 0, "B": 0}
+    mixed: list = []
+    stop = time.monotonic() + 6.0
+    lock = threading.Lock()
+
+    def worker():
+        with NegablateClient(client._http.base_url.__str__(), model="tiny") as c:
+            while time.monotonic() < stop:
+                row = c.score([text])[0].logprobs
+                match = [n for n, ref in refs.items() if max_diff(row, ref) < 1e-5]
+                with lock:
+                    if len(match) == 1:
+                        counts[match[0]] += 1
+                    else:
+                        mixed.append(row)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    cycle = [None, "A", "B"]
+    i = 0
+    while time.monotonic() < stop:
+        client.set_default(cycle[i % 3])
+        i += 1
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    client.set_default(None)
+    print(f"default flips: {i}, answers per set: {counts}, mixed: {len(mixed)}")
+    assert not mixed
+    assert sum(counts.values()) >= 8 and sum(1 for v in counts.values() if v) >= 2
+
+
+def test_restart_reloads_sets_and_reports_a_corrupt_file(served, client):
+    server, model_dir, sets_dir = served
+    client.set_default("B")
+    good_b = client.get_set("B")
+    (sets_dir / "A.json").write_text((sets_dir / "A.json").read_text()[:50])  # truncated
+    server.stop()
+    server.start()
+    with NegablateClient(server.url, admin_key=ADMIN) as c:
+        listing = c.list_sets()
+        assert [s.name for s in listing.data] == ["B"] and listing.default == "B"
+        assert c.get_set("B") == good_b
+        assert c.state().workers[0].default == "B"
+    log = server.log_path.read_text(errors="replace")
+    assert "neuron set file" in log and "A.json not loaded" in log

@@ -1,0 +1,125 @@
+"""Server-side set registry against real worker logic (WorkerRuntime on a fake model).
+
+The RPC function calls the worker-extension methods in-process, so the
+registry's bookkeeping is checked against what a worker really accepts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from server.registry import CapacityError, SetNotFound, SetRegistry, WorkerError
+from vllm_negablate.neuron_set import LayerAblation, NeuronSet
+from vllm_negablate.ops import set_runtime
+from vllm_negablate.runtime import WorkerRuntime
+from vllm_negablate.testing.fake_model import FakeModel, fake_fingerprint, random_weights
+from vllm_negablate.worker_extension import NegablateWorkerExtension
+
+FP = fake_fingerprint(2, 8)
+
+
+def make_set(name, neurons=(1, 2), layer=0):
+    return NeuronSet(name=name, model=FP, entries=[LayerAblation(layer=layer, neurons=list(neurons))])
+
+
+@pytest.fixture
+def engine():
+    rt = WorkerRuntime.for_model(FakeModel(random_weights(2, 8, 4)), FP, max_sets=8, max_num_tokens=16)
+    set_runtime(rt)
+    calls = []
+
+    async def rpc(method, *args):
+        calls.append(method)
+        return [getattr(NegablateWorkerExtension, method)(None, *args)]
+
+    yield rt, rpc, calls
+    set_runtime(None)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_put_persists_and_restart_reloads_skipping_corrupt_files(engine, tmp_path):
+    rt, rpc, _ = engine
+    reg = SetRegistry(rpc, tmp_path, max_resident=4)
+    run(reg.startup())
+    run(reg.put(make_set("a")))
+    run(reg.put(make_set("b", (3,))))
+    run(reg.set_default("b"))
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == [".default.json", "a.json", "b.json"]
+    (tmp_path / "a.json").write_text((tmp_path / "a.json").read_text()[:40])  # truncated
+    (tmp_path / "c.json").write_text(make_set("other").model_dump_json())  # name != file
+    rt2 = WorkerRuntime.for_model(FakeModel(random_weights(2, 8, 4)), FP, max_num_tokens=16)
+    set_runtime(rt2)
+    reg2 = SetRegistry(rpc, tmp_path, max_resident=4)
+    run(reg2.startup())
+    assert sorted(reg2.sets) == ["b"] and reg2.default == "b"
+    assert "a.json" in reg2.load_errors and "c.json" in reg2.load_errors
+    assert "file name and set name" in reg2.load_errors["c.json"]
+    assert rt2.default_name == "b" and sorted(rt2.names) == ["b"]
+
+
+def test_lru_eviction_skips_in_use_and_default_and_reloads_on_demand(engine):
+    rt, rpc, _ = engine
+    reg = SetRegistry(rpc, None, max_resident=2)
+    run(reg.startup())
+    run(reg.put(make_set("a")))
+    run(reg.put(make_set("b", (3,))))
+    run(reg.acquire("a"))  # a request is using a
+    run(reg.put(make_set("c", (4,))))  # must evict b (a is in use)
+    assert reg.resident == ["a", "c"] and sorted(rt.names) == ["a", "c"]
+    reg.release("a")
+    run(reg.set_default("c"))
+    run(reg.acquire("b"))  # evicted b comes back; a (LRU, unused) goes
+    assert reg.resident == ["b", "c"] and sorted(rt.names) == ["b", "c"]
+    reg.release("b")
+    assert dict(reg.in_flight) == {}
+
+
+def test_capacity_error_when_everything_is_busy(engine):
+    rt, rpc, _ = engine
+    reg = SetRegistry(rpc, None, max_resident=1)
+    run(reg.startup())
+    run(reg.put(make_set("a")))
+    run(reg.acquire("a"))
+    with pytest.raises(CapacityError, match="in use or the default"):
+        run(reg.put(make_set("b", (3,))))
+    assert sorted(reg.sets) == ["a"] and sorted(rt.names) == ["a"]
+    with pytest.raises(CapacityError, match="used by 1 running requests"):
+        run(reg.delete("a"))
+
+
+def test_rejected_calls_change_nothing(engine, tmp_path):
+    rt, rpc, _ = engine
+    reg = SetRegistry(rpc, tmp_path, max_resident=4)
+    run(reg.startup())
+    run(reg.put(make_set("a")))
+    before = (dict(reg.sets), reg.resident, reg.default, sorted(p.name for p in tmp_path.iterdir()))
+    wrong = NeuronSet(name="w", model=fake_fingerprint(3, 8))
+    with pytest.raises(Exception, match="num_layers: set has 3, model has 2"):
+        run(reg.put(wrong))
+    with pytest.raises(SetNotFound, match="unknown neuron set 'zz'"):
+        run(reg.set_default("zz"))
+    with pytest.raises(SetNotFound):
+        run(reg.delete("zz"))
+    # a worker-side failure: the fingerprint check is bypassed to reach the worker
+    reg.fingerprint = None
+    with pytest.raises(WorkerError, match="num_layers"):
+        run(reg.put(wrong))
+    assert (dict(reg.sets), reg.resident, reg.default, sorted(p.name for p in tmp_path.iterdir())) == before
+    assert json.loads((tmp_path / "a.json").read_text())["name"] == "a"
+
+
+def test_delete_clears_default_and_file(engine, tmp_path):
+    rt, rpc, _ = engine
+    reg = SetRegistry(rpc, tmp_path, max_resident=4)
+    run(reg.startup())
+    run(reg.put(make_set("a")))
+    run(reg.set_default("a"))
+    run(reg.delete("a"))
+    assert reg.default is None and rt.default_name is None and not (tmp_path / "a.json").exists()
+    assert json.loads((tmp_path / ".default.json").read_text()) == {"name": None}
