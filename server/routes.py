@@ -11,6 +11,10 @@ from __future__ import annotations
 from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.registry import CapacityError, SetNotFound, SetRegistry, WorkerError
 from server.schemas import (
@@ -44,7 +48,44 @@ ERRORS = {
     422: {"model": ErrorResponse, "description": "Invalid set (schema, range, model shape)."},
 }
 
-router = APIRouter(tags=["neuron sets"], dependencies=[Depends(require_admin)], responses=ERRORS)
+def _format_validation(errors) -> tuple[int, str]:
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "malformed JSON body: " + "; ".join(str(e.get("msg")) for e in errors)
+    parts = []
+    for e in errors:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return 422, "invalid request: " + "; ".join(parts)
+
+
+class OpenAIErrorRoute(APIRoute):
+    """Every error of these routes in OpenAI's shape, whatever raised it.
+
+    vLLM's handlers cover FastAPI's ``HTTPException`` but not body-parsing or
+    Starlette errors; the control API answers ``{"error": {...}}`` for all.
+    """
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def wrapped(request: Request):
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                status, message = _format_validation(exc.errors())
+            except StarletteHTTPException as exc:
+                status, message = exc.status_code, str(exc.detail)
+            type_ = HTTPStatus(status).phrase.title().replace(" ", "") + "Error"
+            return JSONResponse(ErrorResponse.make(status, message, type_).model_dump(), status_code=status)
+
+        return wrapped
+
+
+router = APIRouter(
+    tags=["neuron sets"], dependencies=[Depends(require_admin)], responses=ERRORS,
+    route_class=OpenAIErrorRoute,
+)
 
 
 def _summary(reg: SetRegistry, ns: NeuronSet) -> NeuronSetSummary:

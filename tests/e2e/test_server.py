@@ -90,7 +90,7 @@ def test_invalid_uploads_are_rejected_with_clear_errors(served, client):
     raw = ns.model_dump(mode="json")
     raw["entries"][1]["neurons"].append(999)
     r = httpx.put(f"{server.url}/v1/neuron-sets/bad", json=raw, headers={"Authorization": f"Bearer {ADMIN}"})
-    assert r.status_code == 400 and "entries[1] (layer 1): neuron index 999 is out of range" in r.text
+    assert r.status_code == 422 and "entries[1] (layer 1): neuron index 999 is out of range" in r.text
     wrong = ns.model_copy(update={"model": ns.model.model_copy(update={"intermediate_size": 256})})
     with pytest.raises(NegablateAPIError) as info:
         client.upload_set(wrong)
