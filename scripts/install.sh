@@ -31,4 +31,13 @@ done
 echo "[install] installing vllm-negablate with test and model extras"
 "${PIP[@]}" install -q -e ".[test,models]"
 
+# lm-eval (for `lm_eval --model local-completions` against our server): its own
+# dependency list would pull a CUDA torch, so install it without and add the light ones.
+if ! "$VENV/bin/python" -c "import lm_eval" 2>/dev/null; then
+    echo "[install] installing lm-eval 0.4.13 (no torch)"
+    "${PIP[@]}" install -q --no-deps "lm-eval==0.4.13"
+    "${PIP[@]}" install -q datasets evaluate pytablewriter rouge-score sacrebleu scikit-learn \
+        sqlitedict word2number more-itertools tenacity
+fi
+
 "$VENV/bin/python" -c "import vllm, vllm_negablate; vllm_negablate.check_vllm_version(); print('[install] ok: vllm', vllm.__version__, '+ vllm-negablate', vllm_negablate.__version__)"

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vllm_negablate.cli_neurons import neurons_app
 from vllm_negablate.neuron_set import ModelFingerprint, NeuronSet, NeuronSetError
 
 app = typer.Typer(
@@ -22,6 +23,21 @@ app = typer.Typer(
 )
 sets_app = typer.Typer(help="Inspect and check neuron-set JSON files.", no_args_is_help=True)
 app.add_typer(sets_app, name="sets")
+
+
+def _mount_optional(module: str, attr: str, name: str, help_: str) -> None:
+    """Sub-apps live in their own modules (eval is a separate package)."""
+    import importlib
+
+    try:
+        sub = getattr(importlib.import_module(module), attr)
+    except ImportError as exc:  # keep the rest of the CLI usable
+        sub = typer.Typer(help=f"{help_} (unavailable: {exc})")
+    app.add_typer(sub, name=name, help=help_)
+
+
+_mount_optional("eval.cli", "app", "eval", "Evaluate over HTTP: BLiMP, TSE, perplexity, compare runs.")
+app.add_typer(neurons_app, name="neurons")
 console = Console()
 
 

@@ -127,42 +127,58 @@ def test_per_request_selection_equals_the_oracle(served, client, oracle):
         assert r.json()["error"]["type"] == "NotFoundError" and "nope" in r.json()["error"]["message"]
 
 
-def test_switching_the_default_under_load_never_mixes_sets(served, client):
-    """8 clients score while the default flips every 50 ms: each answer is exactly one reference."""
+def test_soak_default_flips_and_mixed_sets_never_mix(served, client):
+    """Soak: 8 clients score while the default flips every 50 ms.
+
+    Each client alternates requests naming no set, A, or B (as BASE@SET or in
+    vllm_xargs). An explicit set must give exactly that set's reference; a
+    request naming none must give exactly one of the three references.
+    """
     text = random_prompts(1, length=60, seed=8)[0]
     refs = {name: client.score([text], name)[0].logprobs for name in (None, "A", "B")}
     assert max_diff(refs[None], refs["A"]) > 1e-3 and max_diff(refs["A"], refs["B"]) > 1e-3
-    counts = {None: 0, "A": 0, "B": 0}
-    mixed: list = []
-    stop = time.monotonic() + 6.0
+    counts = {"default->none": 0, "default->A": 0, "default->B": 0, "explicit A": 0, "explicit B": 0}
+    wrong: list = []
+    stop = time.monotonic() + 8.0
     lock = threading.Lock()
 
-    def worker():
-        with NegablateClient(client._http.base_url.__str__(), model="tiny") as c:
+    def worker(k: int):
+        choices = [None, "A", None, "B"]
+        i = k
+        with NegablateClient(server_url(client), model="tiny") as c:
             while time.monotonic() < stop:
-                row = c.score([text])[0].logprobs
+                wanted = choices[i % 4]
+                row = c.score([text], wanted, use_xargs=bool(i % 3 == 0))[0].logprobs
+                i += 1
                 match = [n for n, ref in refs.items() if max_diff(row, ref) < 1e-5]
                 with lock:
-                    if len(match) == 1:
-                        counts[match[0]] += 1
+                    if wanted is not None and match == [wanted]:
+                        counts[f"explicit {wanted}"] += 1
+                    elif wanted is None and len(match) == 1:
+                        counts[f"default->{match[0] or 'none'}"] += 1
                     else:
-                        mixed.append(row)
+                        wrong.append((wanted, match))
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
     cycle = [None, "A", "B"]
-    i = 0
+    flips = 0
     while time.monotonic() < stop:
-        client.set_default(cycle[i % 3])
-        i += 1
+        client.set_default(cycle[flips % 3])
+        flips += 1
         time.sleep(0.05)
     for t in threads:
         t.join()
     client.set_default(None)
-    print(f"default flips: {i}, answers per set: {counts}, mixed: {len(mixed)}")
-    assert not mixed
-    assert sum(counts.values()) >= 8 and sum(1 for v in counts.values() if v) >= 2
+    print(f"soak: {flips} default flips, answers: {counts}, wrong: {len(wrong)}")
+    assert not wrong, wrong[:5]
+    assert counts["explicit A"] and counts["explicit B"]
+    assert sum(1 for k in ("default->none", "default->A", "default->B") if counts[k]) >= 2
+
+
+def server_url(client) -> str:
+    return str(client._http.base_url)
 
 
 def test_restart_reloads_sets_and_reports_a_corrupt_file(served, client):
