@@ -61,6 +61,39 @@ def serve(ctx: typer.Context) -> None:
 
 
 @app.command()
+def reproduce(
+    model: str = typer.Option("gemma-3-270m", help="Embedded model name (fetched once) or an HF model dir."),
+    out: Path = typer.Option(Path("report"), help="Output folder: report, runs, logs (rerun to resume)."),
+    dtype: str = typer.Option("bfloat16", help="Model dtype (bfloat16 is ~2x faster on CPU)."),
+    top: float = typer.Option(1.0, help="Percent of neurons per layer in the Wasserstein set."),
+    discovery_tokens: int = typer.Option(32768, help="WikiText-2 valid tokens observed to score neurons."),
+    blimp_per_paradigm: int = typer.Option(20, help="BLiMP pairs per paradigm (67 paradigms; 1000 = all)."),
+    tse_per_test: int = typer.Option(40, help="TSE pairs per agreement test (15 tests)."),
+    ppl_windows: int = typer.Option(24, help="WikiText-2 test windows (of --window tokens) for perplexity."),
+    window: int = typer.Option(512, help="Tokens per window (discovery and perplexity)."),
+    seed: int = typer.Option(0, help="Seed of subsampling and random controls."),
+) -> None:
+    """Reproduce the paper's main comparison on a real model, offline, in one command.
+
+    Finds Wasserstein neurons inside vLLM (WikiText-2 valid), builds the random and
+    perplexity-matched controls, serves every condition with `negablate serve`, and
+    evaluates baseline / Wasserstein-negative / Wasserstein-positive / random-negative /
+    perplexity-matched-negative on BLiMP, TSE and WikiText-2 test perplexity. Writes
+    OUT/REPORT.md, report.json and PNG charts. Interrupted? Run the same command again.
+
+    Example: negablate reproduce --blimp-per-paradigm 100 --out report-100
+    """
+    from eval.reproduce import ReproduceConfig
+    from eval.reproduce import reproduce as run
+
+    run(ReproduceConfig(
+        model=model, out=out, dtype=dtype, top_percent=top, discovery_tokens=discovery_tokens,
+        blimp_per_paradigm=blimp_per_paradigm, tse_per_test=tse_per_test, ppl_windows=ppl_windows,
+        window=window, seed=seed,
+    ))
+
+
+@app.command()
 def version() -> None:
     """Print the plugin version and the vLLM versions it supports."""
     from vllm_negablate import SUPPORTED_VLLM, __version__

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm_negablate.discovery.worker_methods import DiscoveryWorkerMixin
 from vllm_negablate.neuron_set import NeuronSet
 from vllm_negablate.ops import get_runtime
 
@@ -27,7 +28,7 @@ def _reply(action) -> dict[str, Any]:
     return {"ok": True, "error": None, "state": state}
 
 
-class NegablateWorkerExtension:
+class NegablateWorkerExtension(DiscoveryWorkerMixin):
     """Neuron-set control for one worker (``worker_extension_cls``)."""
 
     def negablate_load_set(self, neuron_set_json: str) -> dict[str, Any]:

@@ -22,15 +22,16 @@ def free_port() -> int:
 class ServerProcess:
     def __init__(self, model_dir: str | Path, *extra: str, log_path: str | Path,
                  served_name: str = "tiny", port: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, dtype: str = "float32",
+                 kv_cache_bytes: int = 64 * 2**20, max_model_len: int | None = 512) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self.cmd = [
             sys.executable, "-m", "server.app", str(model_dir), "--host", "127.0.0.1",
             "--port", str(self.port), "--served-model-name", served_name,
-            "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(64 * 2**20),
-            "--max-model-len", "512", *extra,
+            "--dtype", dtype, "--enforce-eager", "--kv-cache-memory-bytes", str(kv_cache_bytes),
+            *(["--max-model-len", str(max_model_len)] if max_model_len else []), *extra,
         ]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None

@@ -1,0 +1,194 @@
+"""The reproduction report: Markdown + JSON + PNG from the run directories.
+
+Reads only files (``report/runs/<condition>/<task>/``, ``report/discovery``),
+so it can be rebuilt at any time: ``python -m eval.report report/``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval.stats import compare_runs
+from eval.tasks import load_records, load_summary
+
+
+def _fmt_ci(delta: float, lo: float, hi: float, scale: float = 100.0) -> str:
+    return f"{delta * scale:+.1f} [{lo * scale:+.1f}, {hi * scale:+.1f}]"
+
+
+def _neuron_count(disc: Path, set_name: str | None) -> tuple[int, str]:
+    if set_name is None:
+        return 0, "-"
+    data = json.loads((disc / "sets" / f"{set_name}.json").read_text())
+    modes = sorted({e.get("mode", "negative") for e in data["entries"]})
+    return sum(len(e["neurons"]) for e in data["entries"]), ",".join(modes)
+
+
+def collect(out: Path, disc: Path, conditions: list[tuple[str, str | None, str]], n_boot: int,
+            seed: int) -> dict[str, Any]:
+    runs = out / "runs"
+    base = "baseline"
+    base_records = {t: load_records(runs / base / t) for t in ("blimp", "tse")}
+    base_ppl = load_summary(runs / base / "perplexity")
+    rows, phenomena = [], {}
+    for label, set_name, desc in conditions:
+        count, modes = _neuron_count(disc, set_name)
+        row: dict[str, Any] = {"condition": label, "set": set_name, "description": desc,
+                               "neurons": count, "mode": modes}
+        for task in ("blimp", "tse"):
+            summary = load_summary(runs / label / task)
+            row[f"{task}_acc"] = summary.overall.accuracy
+            row[f"{task}_n"] = summary.n_pairs
+            if label != base:
+                cmp = compare_runs(base_records[task], load_records(runs / label / task),
+                                   group_keys=("phenomenon",), n_boot=n_boot, seed=seed)
+                overall = cmp[-1]
+                row[f"{task}_delta"] = [overall.delta, overall.ci_lo, overall.ci_hi]
+                row[f"{task}_p"] = overall.p_value
+                if task == "blimp":
+                    phenomena[label] = {r.group: [r.delta, r.ci_lo, r.ci_hi] for r in cmp
+                                        if r.level == "phenomenon"}
+        ppl = load_summary(runs / label / "perplexity")
+        row["ppl"] = ppl.ppl
+        row["ppl_ratio"] = ppl.ppl / base_ppl.ppl
+        row["ppl_tokens"] = ppl.n_tokens
+        rows.append(row)
+    return {"rows": rows, "phenomena": phenomena}
+
+
+def plot_phenomena(phenomena: dict[str, dict[str, list[float]]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({p for v in phenomena.values() for p in v})
+    conds = list(phenomena)
+    fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.9), 4.5))
+    width = 0.8 / max(1, len(conds))
+    x = np.arange(len(labels))
+    for i, cond in enumerate(conds):
+        vals = np.array([phenomena[cond].get(p, [np.nan] * 3) for p in labels]) * 100
+        err = np.abs(vals[:, 1:] - vals[:, :1]).T
+        ax.bar(x + (i - (len(conds) - 1) / 2) * width, vals[:, 0], width, yerr=err, capsize=2, label=cond)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x, [p.replace("_", " ") for p in labels], rotation=35, ha="right")
+    ax.set_ylabel("BLiMP accuracy change vs baseline (points, 95% CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_scores(disc: Path, path: Path) -> Path | None:
+    stats_path = disc / "stats.npz"
+    if not stats_path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = np.load(stats_path)
+    w1 = stats["w1"]
+    neg = stats["w1_negative"] if "w1_negative" in stats else None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].hist(w1.ravel(), bins=100, color="tab:blue")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("Wasserstein-1 distance to N(0,1) (standardized pre-activation)")
+    axes[0].set_ylabel("neurons")
+    axes[0].set_title("all layers")
+    if neg is not None:
+        share = np.divide(neg, w1, out=np.zeros_like(neg), where=w1 > 0)
+        top = w1 > np.percentile(w1, 99, axis=1, keepdims=True)
+        axes[1].hist([share[~top].ravel(), share[top].ravel()], bins=40, density=True,
+                     label=["other neurons", "top 1% per layer"], color=["tab:gray", "tab:red"])
+        axes[1].set_xlabel("share of W1 from z < 0")
+        axes[1].legend()
+        axes[1].set_title("where the non-Gaussian mass sits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_counts(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh([r["condition"] for r in rows], [r["neurons"] for r in rows], color="tab:purple")
+    ax.set_xlabel("ablated neurons (all layers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def write_report(cfg: Any, disc: Path, conditions, model_dir: Path, elapsed_s: float | None = None) -> Path:
+    out = Path(cfg.out)
+    data = collect(out, disc, conditions, cfg.n_boot, cfg.seed)
+    meta = json.loads((disc / "stats.json").read_text()) if (disc / "stats.json").exists() else {}
+    marker = model_dir / "negablate_model.json"
+    model_meta = json.loads(marker.read_text()) if marker.exists() else {}
+    figures = {
+        "phenomena": plot_phenomena(data["phenomena"], out / "blimp_phenomena_deltas.png"),
+        "scores": plot_scores(disc, out / "wasserstein_scores.png"),
+        "counts": plot_counts(data["rows"], out / "neuron_counts.png"),
+    }
+    result = {
+        "config": json.loads(cfg.model_dump_json()), "model_dir": str(model_dir),
+        "model": model_meta, "discovery": meta, "elapsed_s": elapsed_s, **data,
+        "figures": {k: str(v) for k, v in figures.items() if v},
+    }
+    (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
+    lines = [
+        f"# Negative pre-activation ablation: {cfg.model}",
+        "",
+        f"Model directory: `{model_dir}`." + (
+            " Weights are dequantized from a quantized GGUF file "
+            f"({model_meta.get('source', {}).get('package', model_meta.get('package', 'registry package'))}): "
+            "every neuron statistic describes the quantized model." if model_meta else ""),
+        f"Neurons chosen on WikiText-2 *valid* ({meta.get('num_tokens', cfg.discovery_tokens)} tokens, "
+        f"top {cfg.top_percent:g}% Wasserstein-1 per layer); perplexity on WikiText-2 *test*.",
+        f"BLiMP: {cfg.blimp_per_paradigm} pairs per paradigm (seed {cfg.seed}); TSE: "
+        f"{cfg.tse_per_test} pairs per test (Newman et al. agreement set, per-token mean metric).",
+        "Deltas are in accuracy points against the baseline, paired bootstrap 95% CI "
+        f"({cfg.n_boot} resamples); p: McNemar.",
+        "",
+        "| condition | neurons | BLiMP acc | BLiMP delta [95% CI] | p | TSE acc | TSE delta [95% CI] | PPL | PPL ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        bd = _fmt_ci(*r["blimp_delta"]) if "blimp_delta" in r else "-"
+        td = _fmt_ci(*r["tse_delta"]) if "tse_delta" in r else "-"
+        p = f"{r['blimp_p']:.2g}" if "blimp_p" in r else "-"
+        lines.append(
+            f"| {r['condition']} | {r['neurons']} | {r['blimp_acc'] * 100:.1f} | {bd} | {p} | "
+            f"{r['tse_acc'] * 100:.1f} | {td} | {r['ppl']:.2f} | {r['ppl_ratio']:.3f} |")
+    lines += ["", "![BLiMP per-phenomenon deltas](blimp_phenomena_deltas.png)", ""]
+    if figures["scores"]:
+        lines += ["![Wasserstein scores](wasserstein_scores.png)", ""]
+    lines += ["![Neuron counts](neuron_counts.png)", ""]
+    if elapsed_s is not None:
+        lines.append(f"Total time: {elapsed_s / 60:.1f} min. Files: `report.json`, `runs/*/*/records.jsonl`.")
+    path = out / "REPORT.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    from eval.reproduce import ReproduceConfig, condition_sets
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "report")
+    cfg = ReproduceConfig.model_validate_json((out / "config.json").read_text())
+    print(write_report(cfg, out / "discovery", condition_sets(cfg), Path(json.loads(
+        (out / "config.json").read_text()).get("model", ""))))
