@@ -224,3 +224,49 @@ def test_lm_eval_parity(server, model_dir, harness_run, pairs, tmp_path):
             lg, lb = (float(x[0]) for x in s["filtered_resps"])
             assert lg == pytest.approx(rec.logprob_good, abs=1e-4)
             assert lb == pytest.approx(rec.logprob_bad, abs=1e-4)
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_identical_report(server, model_dir, tmp_path):
+    """Kill -9 an eval run part-way; the rerun resumes from the cache and writes the same files.
+
+    The reference is a separate, uninterrupted run with its own cache.
+    """
+    import sqlite3
+
+    def cmd(out, cache):
+        return [sys.executable, "-m", "eval.cli", "blimp", "--server", server, "--model", str(model_dir),
+                "--tokenizer", str(model_dir), "-p", "anaphor_gender_agreement",
+                "-p", "determiner_noun_agreement_1", "-n", "60", "--batch-size", "4",
+                "--concurrency", "1", "--out", str(out), "--cache", str(cache), "--quiet"]
+
+    def cached_rows(cache):
+        try:
+            with sqlite3.connect(cache) as db:
+                return db.execute("select count(*) from scores").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    killed_cache = tmp_path / "killed.sqlite"
+    proc = subprocess.Popen(cmd(tmp_path / "killed", killed_cache), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while cached_rows(killed_cache) < 8 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed: make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = cached_rows(killed_cache)
+    assert 0 < partial < 240 and not (tmp_path / "killed" / "summary.json").exists()
+    subprocess.run(cmd(tmp_path / "killed", killed_cache), check=True, capture_output=True)
+    assert cached_rows(killed_cache) == 240  # 2 x 60 pairs x 2 sentences: nothing lost or duplicated
+    subprocess.run(cmd(tmp_path / "clean", tmp_path / "clean.sqlite"), check=True, capture_output=True)
+    killed = (tmp_path / "killed" / "records.jsonl").read_text().splitlines()
+    clean = (tmp_path / "clean" / "records.jsonl").read_text().splitlines()
+    assert len(killed) == 120 and killed == clean
+    a = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    b = json.loads((tmp_path / "clean" / "summary.json").read_text())
+    for s in (a, b):
+        s.get("run", {}).pop("elapsed_s", None)
+        s.get("run", {}).pop("finished_at", None)
+        s.get("run", {}).pop("started_at", None)
+    assert a["accuracy"] == b["accuracy"]
