@@ -33,7 +33,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--compiled", action="store_true", help="vLLM default compilation instead of eager")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--stock", action="store_true",
+                        help="also run stock vLLM (NEGABLATE_DISABLE=1) in a child process, same settings")
+    parser.add_argument("--child-stock", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_stock:
+        return stock_child(args)
 
     import random
 
@@ -66,6 +71,13 @@ def main() -> None:
         "on": "bench",
         "mixed": ["bench" if i % 2 else None for i in range(args.prompts)],
     }
+    if args.stock:
+        shutdown(llm)  # one engine at a time on a small machine
+        stock = run_stock_child(args, model, prompts)
+        llm = make_llm(model, dtype=args.dtype, enforce_eager=not args.compiled,
+                       kv_cache_memory_bytes=1024 * 2**20, max_num_seqs=args.prompts,
+                       max_model_len=max(512, args.length + 8), enable_prefix_caching=False)
+        load_neuron_set(llm, ns)
     score_prompts(llm, prompts[:4])  # warm-up
     times: dict[str, list[float]] = {c: [] for c in conditions}
     for _ in range(args.reps):
@@ -86,6 +98,11 @@ def main() -> None:
     for cond in conditions:
         print(f"  {cond:6s} {med[cond]*1000:8.1f} ms  {tokens/med[cond]:9.0f} tok/s  "
               f"ratio to off {med['off']/med[cond]:.3f}")
+    if args.stock:
+        med["stock"] = stock
+        print(f"  stock  {stock*1000:8.1f} ms  {tokens/stock:9.0f} tok/s  (vLLM without the plugin)")
+        print(f"  throughput ratio plugin+set / stock: {stock/med['on']:.3f}; "
+              f"mixed sets / stock: {stock/med['mixed']:.3f}; plugin, no set / stock: {stock/med['off']:.3f}")
 
     # the op alone: one layer's clamp, tokens x width
     from vllm_negablate.ops import ablate_dense_, ablate_sparse_
@@ -115,6 +132,48 @@ def main() -> None:
             "model": str(model), "engine_start_s": start_s, "median_s": med, "tokens": tokens,
             "neurons_per_layer": k, "op_us": {"sparse": sparse * 1e6, "dense": dense * 1e6, "silu": act * 1e6},
         }, indent=2))
+
+
+def run_stock_child(args, model, prompts) -> float:
+    """Median time of the same workload in stock vLLM (plugin disabled), in a child process."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts_path = Path(tmp) / "prompts.json"
+        prompts_path.write_text(json.dumps(prompts))
+        out = Path(tmp) / "stock.json"
+        cmd = [sys.executable, __file__, "--child-stock", "--model", str(model), "--dtype", args.dtype,
+               "--reps", str(args.reps), "--prompts", str(args.prompts), "--length", str(args.length),
+               "--json", str(out)] + (["--compiled"] if args.compiled else [])
+        env = {**os.environ, "NEGABLATE_DISABLE": "1", "NEGABLATE_PROMPTS": str(prompts_path)}
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())["median_s"]
+
+
+def stock_child(args) -> None:
+    import os
+
+    from vllm import SamplingParams
+
+    from vllm_negablate.testing.engines import make_llm, shutdown
+
+    prompts = json.loads(Path(os.environ["NEGABLATE_PROMPTS"]).read_text())
+    llm = make_llm(args.model, dtype=args.dtype, enforce_eager=not args.compiled,
+                   kv_cache_memory_bytes=1024 * 2**20, max_num_seqs=args.prompts,
+                   max_model_len=max(512, args.length + 8), enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=0.0)
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    llm.generate(batch[:4], params, use_tqdm=False)
+    times = []
+    for _ in range(args.reps):
+        t = time.perf_counter()
+        llm.generate(batch, params, use_tqdm=False)
+        times.append(time.perf_counter() - t)
+    shutdown(llm)
+    Path(args.json).write_text(json.dumps({"median_s": statistics.median(times)}))
 
 
 if __name__ == "__main__":

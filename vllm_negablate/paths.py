@@ -16,3 +16,14 @@ def data_dir() -> Path:
 def wikitext(split: str) -> Path:
     """WikiText-2 tokenized split file (``valid`` or ``test``)."""
     return data_dir() / "wikitext-2" / f"{split}.txt"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (corpora and weights are large)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -32,7 +32,6 @@ Sets (all mode ``negative`` unless said otherwise, with :class:`Provenance`):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import uuid
@@ -41,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from vllm_negablate.paths import wikitext
+from vllm_negablate.paths import sha256_file, wikitext
 from typing import Any
 
 import numpy as np
@@ -106,14 +105,6 @@ def read_corpus_text(path: str | Path, joiner: str = " ") -> str:
     with open(path, encoding="utf-8") as f:
         rows = [line if line.strip() else "" for line in f]
     return joiner.join(rows)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def start_token_id(tokenizer: Any) -> int:
