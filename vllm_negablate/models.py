@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import importlib
 import importlib.metadata as _md
 import importlib.util
@@ -48,6 +47,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from vllm_negablate.paths import sha256_file
 
 MARKER_FILE = "negablate_model.json"
 MARKER_VERSION = 1
@@ -323,14 +324,6 @@ def _distribution_file(distribution: str, suffix: str) -> Path:
             if path.is_file():
                 return path
     raise ModelFetchError(f"{distribution} has no file ending in {suffix!r}")
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def locate_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
