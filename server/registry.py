@@ -208,4 +208,7 @@ class SetRegistry:
 
     async def worker_states(self) -> list[dict[str, Any]]:
         replies = await self._rpc("negablate_state")
+        errors = sorted({str(r.get("error")) for r in replies if not r.get("ok")})
+        if errors:
+            raise WorkerError("; ".join(errors))
         return [r["state"] for r in replies]

@@ -157,7 +157,11 @@ async def delete_set(name: str, reg: SetRegistry = Depends(get_registry)) -> Del
 
 
 async def _state(reg: SetRegistry) -> AblationState:
-    workers = [WorkerState(**{k: s[k] for k in WorkerState.model_fields}) for s in await reg.worker_states()]
+    try:
+        states = await reg.worker_states()
+    except WorkerError as exc:
+        raise HTTPException(HTTPStatus.SERVICE_UNAVAILABLE, f"workers did not report: {exc}") from exc
+    workers = [WorkerState(**{k: s[k] for k in WorkerState.model_fields}) for s in states]
     views = [{n: i["content_hash"] for n, i in w.sets.items()} for w in workers]
     return AblationState(
         model=reg.fingerprint,

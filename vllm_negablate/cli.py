@@ -71,6 +71,8 @@ def reproduce(
     tse_per_test: int = typer.Option(40, help="TSE pairs per agreement test (15 tests)."),
     ppl_windows: int = typer.Option(24, help="WikiText-2 test windows (of --window tokens) for perplexity."),
     window: int = typer.Option(512, help="Tokens per window (discovery and perplexity)."),
+    match_tokens: int = typer.Option(4096, help="Held-out tokens per perplexity-matching step."),
+    match_max_iter: int = typer.Option(6, help="Most bisection steps of the perplexity-matched search."),
     seed: int = typer.Option(0, help="Seed of subsampling and random controls."),
 ) -> None:
     """Reproduce the paper's main comparison on a real model, offline, in one command.
@@ -89,7 +91,7 @@ def reproduce(
     run(ReproduceConfig(
         model=model, out=out, dtype=dtype, top_percent=top, discovery_tokens=discovery_tokens,
         blimp_per_paradigm=blimp_per_paradigm, tse_per_test=tse_per_test, ppl_windows=ppl_windows,
-        window=window, seed=seed,
+        window=window, seed=seed, match_tokens=match_tokens, match_max_iter=match_max_iter,
     ))
 
 

@@ -40,6 +40,7 @@ def build_app(sets_dir) -> FastAPI:
     set_runtime(runtime)
 
     async def rpc(method, *args):
+        set_runtime(runtime)  # other test modules bind their own runtimes in between
         return [getattr(NegablateWorkerExtension, method)(None, *args)]
 
     app = FastAPI(title="negablate control API (fuzz)")
