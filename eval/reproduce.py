@@ -146,11 +146,13 @@ def evaluate(cfg: ReproduceConfig, server_url: str, model_dir: Path, data_dir: P
     text = load_wikitext_text(data_dir / "wikitext-2" / "test.txt")
     cache = cfg.out / "cache" / "scores.sqlite"
     cache.parent.mkdir(parents=True, exist_ok=True)
+    marker = model_dir / "negablate_model.json"  # embedded models record their start token
+    start = json.loads(marker.read_text()).get("start_token_id") if marker.exists() else None
     for label, set_name, _ in conditions:
         model = "model" if set_name is None else f"model@{set_name}"
         runs = cfg.out / "runs" / label
         with CompletionsScorer(server_url, model, tokenizer=str(model_dir), cache=cache,
-                               concurrency=2, progress=True) as scorer:
+                               concurrency=2, progress=True, start_token=start) as scorer:
             for task, pairs in (("blimp", blimp), ("tse", tse)):
                 if (runs / task / "summary.json").exists():
                     continue
