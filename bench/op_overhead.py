@@ -156,21 +156,20 @@ def run_stock_child(args, model, prompts) -> float:
 def stock_child(args) -> None:
     import os
 
-    from vllm import SamplingParams
-
+    from vllm_negablate.offline import score_prompts
     from vllm_negablate.testing.engines import make_llm, shutdown
 
     prompts = json.loads(Path(os.environ["NEGABLATE_PROMPTS"]).read_text())
     llm = make_llm(args.model, dtype=args.dtype, enforce_eager=not args.compiled,
                    kv_cache_memory_bytes=1024 * 2**20, max_num_seqs=args.prompts,
                    max_model_len=max(512, args.length + 8), enable_prefix_caching=False)
-    params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=0.0)
-    batch = [{"prompt_token_ids": p} for p in prompts]
-    llm.generate(batch[:4], params, use_tqdm=False)
+    # the same call as the plugin runs (no set named: plain SamplingParams), so the
+    # Python work of building requests and reading log-probs is identical on both sides
+    score_prompts(llm, prompts[:4])
     times = []
     for _ in range(args.reps):
         t = time.perf_counter()
-        llm.generate(batch, params, use_tqdm=False)
+        score_prompts(llm, prompts)
         times.append(time.perf_counter() - t)
     shutdown(llm)
     Path(args.json).write_text(json.dumps({"median_s": statistics.median(times)}))
