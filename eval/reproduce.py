@@ -38,6 +38,8 @@ from typing import Any
 from pydantic import BaseModel
 from rich.console import Console
 
+from vllm_negablate.neuron_set import percent_label
+
 from eval.data import default_data_dir, load_blimp, load_tse_ml, load_wikitext_text, stratified_subsample
 
 console = Console(stderr=True)
@@ -85,10 +87,6 @@ def _run(cmd: list[str], log: Path) -> None:
         raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
 
 
-def _percent_label(p: float) -> str:
-    return f"{p:g}".replace(".", "p")
-
-
 def resolve_model(cfg: ReproduceConfig, logs: Path) -> Path:
     path = Path(cfg.model).expanduser()
     if path.is_dir():
@@ -116,7 +114,7 @@ def discover(cfg: ReproduceConfig, model_dir: Path, data_dir: Path, logs: Path) 
 
 
 def match_perplexity(cfg: ReproduceConfig, model_dir: Path, disc: Path, data_dir: Path, logs: Path) -> None:
-    name = f"perplexity-matched-top{_percent_label(cfg.top_percent)}-s{cfg.seed}"
+    name = f"perplexity-matched-top{percent_label(cfg.top_percent)}-s{cfg.seed}"
     if (disc / "sets" / f"{name}.json").exists():
         console.print("[green]perplexity-matched control: done earlier[/green]")
         return
@@ -131,7 +129,7 @@ def match_perplexity(cfg: ReproduceConfig, model_dir: Path, disc: Path, data_dir
 
 
 def condition_sets(cfg: ReproduceConfig) -> list[tuple[str, str | None, str]]:
-    p = _percent_label(cfg.top_percent)
+    p = percent_label(cfg.top_percent)
     return [(label, None if pat is None else pat.format(p=p, seed=cfg.seed), desc)
             for label, pat, desc in CONDITIONS]
 

@@ -136,13 +136,7 @@ def sets_validate(
         ns = NeuronSet.load(path)
         if model_dir is not None:
             cfg = json.loads((model_dir / "config.json").read_text())
-            text = cfg.get("text_config", cfg)
-            fp = ModelFingerprint(
-                architecture=(cfg.get("architectures") or ["?"])[0],
-                num_layers=text["num_hidden_layers"],
-                intermediate_size=text.get("intermediate_size") or text.get("n_inner")
-                or 4 * text.get("n_embd", text.get("hidden_size", 0)),
-            )
+            fp = ModelFingerprint.from_hf_config(cfg)
             ns.check_compatible(fp)
     except NeuronSetError as exc:
         console.print(f"[red]invalid:[/red] {exc}")

@@ -65,6 +65,33 @@ class ModelFingerprint(BaseModel):
         return "; ".join(problems) or None
 
 
+    @classmethod
+    def from_hf_config(cls, config: Any) -> ModelFingerprint:
+        """From a ``config.json`` dict or a ``PretrainedConfig``.
+
+        Multimodal wrappers keep the language model under ``text_config``; GPT-2
+        style configs say ``n_layer``/``n_inner`` and leave ``n_inner`` None for
+        ``4 * n_embd``.
+        """
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        text = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ValueError("config has no 'architectures'")
+        num_layers = text.get("num_hidden_layers", text.get("n_layer"))
+        width = text.get("intermediate_size") or text.get("n_inner")
+        if not width and text.get("n_embd"):
+            width = 4 * text["n_embd"]
+        if num_layers is None or not width:
+            raise ValueError("config lacks num_hidden_layers/n_layer or intermediate_size/n_inner/n_embd")
+        return cls(architecture=archs[0], num_layers=int(num_layers), intermediate_size=int(width))
+
+
+def percent_label(percent: float) -> str:
+    """How a percentage appears in set names: 1.0 -> '1', 0.5 -> '0.5'."""
+    return f"{float(percent):g}"
+
+
 class LayerAblation(BaseModel):
     """Neurons of one layer that share one mode."""
 

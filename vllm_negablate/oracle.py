@@ -101,21 +101,8 @@ def find_activation_modules(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def fingerprint_from_config(config: Any) -> ModelFingerprint:
-    """Fingerprint from a ``PretrainedConfig`` (or its dict) the way ``fingerprint_of`` reads config.json."""
-    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    text = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg
-    archs = cfg.get("architectures") or []
-    if not archs:
-        raise ValueError("config has no 'architectures'")
-    num_layers = text.get("num_hidden_layers", text.get("n_layer"))
-    width = text.get("intermediate_size") or text.get("n_inner")
-    if not width and text.get("n_embd"):
-        width = 4 * text["n_embd"]
-    if num_layers is None or not width:
-        raise ValueError("config lacks num_hidden_layers/n_layer or intermediate_size/n_inner")
-    return ModelFingerprint(
-        architecture=archs[0], num_layers=int(num_layers), intermediate_size=int(width)
-    )
+    """Fingerprint from a ``PretrainedConfig`` (or its dict); see ``ModelFingerprint.from_hf_config``."""
+    return ModelFingerprint.from_hf_config(config)
 
 
 def _make_clamp_hook(index: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):

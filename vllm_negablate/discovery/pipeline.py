@@ -58,6 +58,7 @@ from vllm_negablate.neuron_set import (
     ModelFingerprint,
     NeuronSet,
     Provenance,
+    percent_label,
 )
 
 DEFAULT_CORPUS = wikitext("valid")
@@ -162,11 +163,6 @@ def make_windows(
         if (max_tokens is not None and total >= max_tokens) or start + body >= len(token_ids):
             break
     return windows
-
-
-def percent_label(percent: float) -> str:
-    """1.0 -> '1', 0.5 -> '0.5' (for set names)."""
-    return f"{float(percent):g}"
 
 
 # ------------------------------------------------------------------ statistics

@@ -87,44 +87,19 @@ def _read_config(model_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} not found: not a model directory") from None
 
 
-def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Multimodal wrappers keep the language model's shape under ``text_config``."""
-    return cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg
-
-
 def intermediate_size_of(model_dir: str | Path) -> int:
-    """MLP width (neurons per layer) of a model directory, read from ``config.json``.
-
-    GPT-2 style configs call it ``n_inner`` and leave it ``None`` for ``4 * n_embd``.
-    """
-    cfg = _text_config(_read_config(model_dir))
-    if cfg.get("intermediate_size"):
-        return int(cfg["intermediate_size"])
-    if cfg.get("n_inner"):
-        return int(cfg["n_inner"])
-    if cfg.get("n_embd"):
-        return 4 * int(cfg["n_embd"])
-    raise ValueError(f"{model_dir}: config.json has no intermediate_size / n_inner / n_embd")
+    """MLP width (neurons per layer) of a model directory, read from ``config.json``."""
+    return fingerprint_of(model_dir).intermediate_size
 
 
 def fingerprint_of(model_dir: str | Path) -> ModelFingerprint:
     """The :class:`ModelFingerprint` a neuron set for this model directory must carry."""
-    raw = _read_config(model_dir)
-    cfg = _text_config(raw)
-    archs = raw.get("architectures") or []
-    if not archs:
-        raise ValueError(f"{model_dir}: config.json has no 'architectures'")
-    num_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
-    if num_layers is None:
-        raise ValueError(f"{model_dir}: config.json has no num_hidden_layers / n_layer")
-    return ModelFingerprint(
-        architecture=archs[0],
-        num_layers=int(num_layers),
-        intermediate_size=intermediate_size_of(model_dir),
-    )
+    try:
+        return ModelFingerprint.from_hf_config(_read_config(model_dir))
+    except ValueError as exc:
+        raise ValueError(f"{model_dir}: config.json: {exc}") from None
 
 
-# ------------------------------------------------------------------------ tokenizer
 def _training_text() -> str:
     if WIKITEXT_VALID.is_file():
         with WIKITEXT_VALID.open("rb") as f:
