@@ -15,6 +15,12 @@ from rich.table import Table
 
 from vllm_negablate.neuron_set import ModelFingerprint, NeuronSet, NeuronSetError
 
+# The CLI is the top of the stack, so it may read the eval config for its defaults
+# (one place for them); eval.reproduce imports neither torch nor vLLM.
+from eval.reproduce import ReproduceConfig as _ReproduceConfig
+
+_R = _ReproduceConfig()
+
 app = typer.Typer(
     help="Sign-specific MLP neuron ablation for vLLM: serve, evaluate, discover, reproduce.",
     no_args_is_help=True,
@@ -62,18 +68,20 @@ def serve(ctx: typer.Context) -> None:
 
 @app.command()
 def reproduce(
-    model: str = typer.Option("gemma-3-270m", help="Embedded model name (fetched once) or an HF model dir."),
-    out: Path = typer.Option(Path("report"), help="Output folder: report, runs, logs (rerun to resume)."),
-    dtype: str = typer.Option("bfloat16", help="Model dtype (bfloat16 is ~2x faster on CPU)."),
-    top: float = typer.Option(1.0, help="Percent of neurons per layer in the Wasserstein set."),
-    discovery_tokens: int = typer.Option(32768, help="WikiText-2 valid tokens observed to score neurons."),
-    blimp_per_paradigm: int = typer.Option(20, help="BLiMP pairs per paradigm (67 paradigms; 1000 = all)."),
-    tse_per_test: int = typer.Option(40, help="TSE pairs per agreement test (15 tests)."),
-    ppl_windows: int = typer.Option(24, help="WikiText-2 test windows (of --window tokens) for perplexity."),
-    window: int = typer.Option(512, help="Tokens per window (discovery and perplexity)."),
-    match_tokens: int = typer.Option(4096, help="Held-out tokens per perplexity-matching step."),
-    match_max_iter: int = typer.Option(6, help="Most bisection steps of the perplexity-matched search."),
-    seed: int = typer.Option(0, help="Seed of subsampling and random controls."),
+    model: str = typer.Option(_R.model, help="Embedded model name (fetched once) or an HF model dir."),
+    out: Path = typer.Option(_R.out, help="Output folder: report, runs, logs (rerun to resume)."),
+    dtype: str = typer.Option(_R.dtype, help="Model dtype. float32 is ~5x faster than bfloat16 on CPUs without bf16 units."),
+    top: float = typer.Option(_R.top_percent, help="Percent of neurons per layer in the Wasserstein set."),
+    discovery_tokens: int = typer.Option(_R.discovery_tokens, help="WikiText-2 valid tokens observed to score neurons."),
+    blimp_per_paradigm: int = typer.Option(_R.blimp_per_paradigm, help="BLiMP pairs per paradigm (67 paradigms; 1000 = all)."),
+    tse_per_test: int = typer.Option(_R.tse_per_test, help="TSE pairs per agreement test (15 tests)."),
+    ppl_windows: int = typer.Option(_R.ppl_windows, help="WikiText-2 test windows (of --window tokens) for perplexity."),
+    window: int = typer.Option(_R.window, help="Tokens per window (discovery and perplexity)."),
+    match_tokens: int = typer.Option(_R.match_tokens, help="Held-out tokens per perplexity-matching step."),
+    match_max_iter: int = typer.Option(_R.match_max_iter, help="Most bisection steps of the perplexity-matched search."),
+    cpu_bind_all_cores: bool = typer.Option(
+        _R.cpu_bind_all_cores, help="On CPU, give vLLM's worker every core (vLLM keeps one back by default)."),
+    seed: int = typer.Option(_R.seed, help="Seed of subsampling and random controls."),
 ) -> None:
     """Reproduce the paper's main comparison on a real model, offline, in one command.
 
@@ -92,6 +100,7 @@ def reproduce(
         model=model, out=out, dtype=dtype, top_percent=top, discovery_tokens=discovery_tokens,
         blimp_per_paradigm=blimp_per_paradigm, tse_per_test=tse_per_test, ppl_windows=ppl_windows,
         window=window, seed=seed, match_tokens=match_tokens, match_max_iter=match_max_iter,
+        cpu_bind_all_cores=cpu_bind_all_cores,
     ))
 
 
