@@ -133,6 +133,45 @@ def plot_counts(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _matched_note(disc: Path, conditions) -> list[str]:
+    """How close the perplexity-matched control came to its target (from the set's provenance)."""
+    for label, set_name, _ in conditions:
+        path = disc / "sets" / f"{set_name}.json"
+        if not set_name or not set_name.startswith("perplexity-matched") or not path.exists():
+            continue
+        src = json.loads(path.read_text()).get("provenance", {}).get("source", {})
+        if "target_perplexity" not in src:
+            return []
+        state = ("matched within the tolerance" if src.get("converged")
+                 else "**not matched** (closest count kept; read its row with care)")
+        return ["", f"{label}: perplexity {src['perplexity']:.2f} against the Wasserstein set's "
+                    f"{src['target_perplexity']:.2f} on {src.get('eval_tokens', '?')} held-out tokens, "
+                    f"{state}, after {src.get('iterations', '?')} evaluations."]
+    return []
+
+
+TABLE_COLUMNS = ("condition", "set", "neurons", "mode", "blimp_acc", "blimp_n", "blimp_delta",
+                 "blimp_ci_lo", "blimp_ci_hi", "blimp_p", "tse_acc", "tse_n", "tse_delta", "tse_ci_lo",
+                 "tse_ci_hi", "tse_p", "ppl", "ppl_ratio", "ppl_tokens")
+
+
+def write_table_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The main table as flat CSV (one row per condition) for spreadsheets and pandas."""
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=TABLE_COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            flat = {k: r.get(k) for k in TABLE_COLUMNS}
+            for task in ("blimp", "tse"):
+                delta = r.get(f"{task}_delta")
+                if delta:
+                    flat[f"{task}_delta"], flat[f"{task}_ci_lo"], flat[f"{task}_ci_hi"] = delta
+            writer.writerow(flat)
+    return path
+
+
 def write_report(cfg: Any, disc: Path, conditions, model_dir: Path, elapsed_s: float | None = None) -> Path:
     out = Path(cfg.out)
     data = collect(out, disc, conditions, cfg.n_boot, cfg.seed)
@@ -150,6 +189,7 @@ def write_report(cfg: Any, disc: Path, conditions, model_dir: Path, elapsed_s: f
         "figures": {k: str(v) for k, v in figures.items() if v},
     }
     (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
+    write_table_csv(data["rows"], out / "main_table.csv")
     lines = [
         f"# Negative pre-activation ablation: {cfg.model}",
         "",
@@ -174,12 +214,13 @@ def write_report(cfg: Any, disc: Path, conditions, model_dir: Path, elapsed_s: f
         lines.append(
             f"| {r['condition']} | {r['neurons']} | {r['blimp_acc'] * 100:.1f} | {bd} | {p} | "
             f"{r['tse_acc'] * 100:.1f} | {td} | {r['ppl']:.2f} | {r['ppl_ratio']:.3f} |")
+    lines += _matched_note(disc, conditions)
     lines += ["", "![BLiMP per-phenomenon deltas](blimp_phenomena_deltas.png)", ""]
     if figures["scores"]:
         lines += ["![Wasserstein scores](wasserstein_scores.png)", ""]
     lines += ["![Neuron counts](neuron_counts.png)", ""]
     if elapsed_s is not None:
-        lines.append(f"Total time: {elapsed_s / 60:.1f} min. Files: `report.json`, `runs/*/*/records.jsonl`.")
+        lines.append(f"Total time: {elapsed_s / 60:.1f} min over all invocations (`timing.json`). Files: `report.json`, `main_table.csv`, `runs/*/*/records.jsonl`.")
     path = out / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -134,6 +134,8 @@ def match_perplexity(cfg: ReproduceConfig, model_dir: Path, disc: Path, data_dir
         "--eval-tokens", str(cfg.match_tokens), "--window", str(cfg.window),
         "--tol", str(cfg.match_tol), "--max-iter", str(cfg.match_max_iter),
         "--dtype", cfg.dtype, "--kv-cache-mb", str(cfg.kv_cache_mb), "--out", str(disc / "sets"),
+        # an unmatched control is still a control: the report states how close it got
+        "--save-unconverged",
     ), logs / "perplexity-matched.log")
 
 
@@ -190,6 +192,15 @@ def bind_worker_to_all_cores() -> None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
 
 
+def _add_elapsed(out: Path, seconds: float) -> float:
+    """Total wall time over every invocation (a resumed run adds to it), from ``timing.json``."""
+    path = out / "timing.json"
+    runs = json.loads(path.read_text())["invocations_s"] if path.exists() else []
+    runs.append(round(seconds, 1))
+    path.write_text(json.dumps({"invocations_s": runs, "total_s": round(sum(runs), 1)}, indent=2))
+    return sum(runs)
+
+
 def reproduce(cfg: ReproduceConfig) -> Path:
     from vllm_negablate.testing.server import ServerProcess
 
@@ -226,7 +237,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
             server.stop()
     from eval.report import write_report
 
-    path = write_report(cfg, disc, conditions, model_dir, elapsed_s=time.monotonic() - t0)
+    path = write_report(cfg, disc, conditions, model_dir, elapsed_s=_add_elapsed(cfg.out, time.monotonic() - t0))
     console.print(f"[green]report:[/green] {path}")
     return path
 
