@@ -188,6 +188,12 @@ def write_report(cfg: Any, disc: Path, conditions, model_dir: Path, elapsed_s: f
         "model": model_meta, "discovery": meta, "elapsed_s": elapsed_s, **data,
         "figures": {k: str(v) for k, v in figures.items() if v},
     }
+    lm_tasks = None  # `negablate analyze tasks --out <out>/lm_tasks`: the non-grammatical side
+    if (out / "lm_tasks" / "lm_tasks.json").exists():
+        from eval.analysis.lm_tasks import load_result
+
+        lm_tasks = load_result(out / "lm_tasks" / "lm_tasks.json")
+        result["lm_tasks"] = json.loads(lm_tasks.model_dump_json())
     (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
     write_table_csv(data["rows"], out / "main_table.csv")
     lines = [
@@ -219,6 +225,10 @@ def write_report(cfg: Any, disc: Path, conditions, model_dir: Path, elapsed_s: f
     if figures["scores"]:
         lines += ["![Wasserstein scores](wasserstein_scores.png)", ""]
     lines += ["![Neuron counts](neuron_counts.png)", ""]
+    if lm_tasks is not None:
+        from eval.analysis.lm_tasks import markdown_section
+
+        lines += [markdown_section(lm_tasks, image="lm_tasks/lm_tasks.png")]
     if elapsed_s is not None:
         lines.append(f"Total time: {elapsed_s / 60:.1f} min over all invocations (`timing.json`). Files: `report.json`, `main_table.csv`, `runs/*/*/records.jsonl`.")
     path = out / "REPORT.md"
