@@ -65,7 +65,7 @@ class ReproduceConfig(BaseModel):
     ppl_windows: int = 8
     match_tokens: int = 4_096
     match_tol: float = 0.02
-    match_max_iter: int = 6
+    match_max_iter: int = 8
     cpu_bind_all_cores: bool = True
     seed: int = 0
     n_boot: int = 2_000

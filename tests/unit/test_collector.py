@@ -347,6 +347,35 @@ def test_perplexity_matched_limits():
     assert res.converged and res.fraction == 0.0
 
 
+def test_log_scale_search_from_the_wasserstein_size():
+    # The Gemma case: the target needs ~1% of 18k candidates; linear bisection from [0, 1]
+    # would spend its steps at 1, 0, 1/2, 1/4, ...
+    n = 18_000
+
+    def ppl(f):
+        return 60.0 * (1.0 + 2.0 * f)  # +2% at f = 0.01
+
+    calls = []
+    res = perplexity_matched(lambda f: calls.append(f) or ppl(f), 61.2, n, tol=1e-3, max_iter=12,
+                             start_frac=0.002)
+    assert res.converged and abs(res.perplexity - 61.2) <= 61.2e-3 and abs(res.fraction - 0.01) < 6e-4
+    assert calls[0] == 0.002 and calls[1] == 0.008 and calls[2] == 0.032  # x4 until bracketed
+    assert all(abs(f * n - round(f * n)) < 1e-9 for f in calls)  # whole neurons only
+    assert res.iterations <= 10
+    # starting above the target: divide by 4 until below, then bisect
+    calls.clear()
+    res = perplexity_matched(lambda f: calls.append(f) or ppl(f), 61.2, n, tol=1e-3, max_iter=12,
+                             start_frac=0.2)
+    assert res.converged and calls[:3] == [0.2, 0.05, 0.0125] and calls[3] == round(0.003125 * n) / n
+    # out of reach: one neuron already too much / everything not enough
+    res = perplexity_matched(lambda f: 100.0, 61.2, n, start_frac=0.01)
+    assert not res.converged and "one neuron" in res.reason
+    res = perplexity_matched(lambda f: 60.0 + f, 62.0, n, start_frac=0.3, max_iter=20)
+    assert not res.converged and "not reached" in res.reason and res.history[-1][0] == 1.0
+    res = perplexity_matched(ppl, 61.2, n, start_frac=1e-4, max_iter=3, tol=1e-6)
+    assert not res.converged and res.reason == "max_iter" and res.iterations == 3
+
+
 def test_windows_and_corpus(tmp_path):
     p = tmp_path / "c.txt"
     p.write_text(" \n = A = \n \n b c \n")
