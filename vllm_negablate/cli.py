@@ -42,6 +42,8 @@ def _mount_optional(module: str, attr: str, name: str, help_: str) -> None:
 
 
 _mount_optional("eval.cli", "app", "eval", "Evaluate over HTTP: BLiMP, TSE, perplexity, compare runs.")
+_mount_optional("eval.analysis.cli", "app", "analyze",
+                "Analyses: POS surprisal, layer sweeps, training dynamics, lm_eval tasks.")
 _mount_optional("vllm_negablate.cli_neurons", "neurons_app", "neurons",
                 "Find Wasserstein neurons inside vLLM, build control sets, show statistics.")
 _mount_optional("vllm_negablate.cli_models", "models_app", "models",

@@ -1,0 +1,16 @@
+"""`negablate analyze ...`: the analyses beyond the main table, one command each."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    help="Analyses beyond the main table: POS surprisal, layer sweeps, training dynamics, "
+    "non-grammatical lm_eval tasks. Each writes JSON + CSV + PNG and resumes from its cache.",
+    no_args_is_help=True,
+)
+
+for _module in ("pos", "layers", "dynamics", "lm_tasks"):
+    importlib.import_module(f"eval.analysis.{_module}").register(app)
