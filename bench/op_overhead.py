@@ -64,8 +64,9 @@ def main() -> None:
         for layer in range(fp["num_layers"])
     ])
     load_neuron_set(llm, ns)
-    vocab = llm.get_tokenizer().vocab_size if not args.model else 1000
-    prompts = [[rng.randrange(5, min(vocab, 30000)) for _ in range(args.length)] for _ in range(args.prompts)]
+    # real models: ids below 1000 (common tokens); never above the vocabulary (a tiny model via --model)
+    vocab = min(llm.get_tokenizer().vocab_size, 1000 if args.model else 30000)
+    prompts = [[rng.randrange(5, vocab) for _ in range(args.length)] for _ in range(args.prompts)]
     conditions = {
         "off": None,
         "on": "bench",

@@ -1,0 +1,187 @@
+"""Every benchmark script under ``bench/`` runs end to end at a tiny size and reports sane numbers.
+
+Each script runs once as a subprocess (as a user would run it) on one tiny Llama built
+here, with minimal flags (one repetition, a few prompts or pairs). The checks are on the
+numbers, not just on "it ran": printed ratios and JSON agree with each other and with the
+medians they come from, are finite and positive; ``server_vs_hf`` must find the same
+ablated sums of log-probs on both sides (< 2e-4) and a set that moves them by far more;
+``harness_vs_lm_eval`` must get lm_eval's exact per-paradigm accuracies; token and pair
+counts are recomputed independently here.
+
+Every script starts its own vLLM engine (15-60 s each on 2 idle cores), so the selected
+scripts run two at a time in the background from the first test on; each test waits for
+its own. Timings under this parallel load mean nothing; only their form is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+PARADIGM = "anaphor_gender_agreement"
+PAIRS = 8
+NUM = r"([0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)"
+
+
+@dataclass
+class Run:
+    cmd: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    result: dict
+
+    def check(self) -> None:
+        assert self.returncode == 0, (f"{' '.join(self.cmd)} exited {self.returncode}\n"
+                                      f"stdout:\n{self.stdout[-3000:]}\nstderr:\n{self.stderr[-6000:]}")
+
+
+def _flags(model: Path) -> dict[str, list[str]]:
+    m = ["--model", str(model)]
+    pairs = ["--pairs", str(PAIRS), "--paradigms", PARADIGM, "--reps", "1", "--kv-cache-mb", "64"]
+    return {
+        "harness_vs_lm_eval": [*m, *pairs, "--no-warmup"],
+        "server_vs_hf": [*m, *pairs],
+        "op_overhead": [*m, "--prompts", "4", "--length", "32", "--reps", "1"],
+        "discovery_speed": [*m, "--window", "64", "--tokens", "1024", "--tokens-small", "512",
+                            "--tokens-large", "1024", "--reps", "1", "--nbins", "64",
+                            "--kv-cache-mb", "64"],
+    }
+
+
+# test name -> bench script; the heavy ones first so that the two lanes finish together
+TESTS = {
+    "test_harness_vs_lm_eval": "harness_vs_lm_eval",
+    "test_server_vs_hf": "server_vs_hf",
+    "test_op_overhead": "op_overhead",
+    "test_discovery_speed": "discovery_speed",
+}
+
+
+def _run(script: str, flags: list[str], out_json: Path) -> Run:
+    cmd = [sys.executable, str(REPO / "bench" / f"{script}.py"), *flags, "--json", str(out_json)]
+    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
+    result = json.loads(out_json.read_text()) if r.returncode == 0 and out_json.exists() else {}
+    return Run(cmd, r.returncode, r.stdout, r.stderr, result)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from vllm_negablate.testing.tiny_models import build_tiny_model
+
+    return build_tiny_model("llama", tmp_path_factory.mktemp("bench-smoke") / "llama")
+
+
+@pytest.fixture(scope="module")
+def runs(request, model_dir, tmp_path_factory) -> dict[str, Future]:
+    """Start the selected benches, two at a time, as soon as the first test asks."""
+    selected = {item.originalname for item in request.session.items if item.module is request.module}
+    out = tmp_path_factory.mktemp("bench-smoke-out")
+    flags = _flags(model_dir)
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {script: pool.submit(_run, script, flags[script], out / f"{script}.json")
+               for test, script in TESTS.items() if test in selected}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_harness_vs_lm_eval(runs):
+    run = runs["harness_vs_lm_eval"].result()
+    run.check()
+    res = run.result
+    assert res["n_pairs"] == PAIRS and res["paradigms"] == [PARADIGM]
+    pps, med = res["pairs_per_s"], res["median_s"]
+    for k in ("ours", "lm_eval", "lm_eval_evaluation", "lm_eval_wall"):
+        assert finite_positive(pps[k]) and pps[k] == pytest.approx(PAIRS / med[k])
+    assert res["ratio"] == pytest.approx(pps["ours"] / pps["lm_eval"])
+    assert res["ratio_wall"] == pytest.approx(pps["ours"] / pps["lm_eval_wall"])
+    # nested: lm_eval's scoring phase is inside its evaluation time, which is inside its wall time
+    assert med["lm_eval"] < med["lm_eval_evaluation"] < med["lm_eval_wall"]
+    # independent check: lm_eval's accuracy equals ours (ties counted as right) on every run
+    assert res["parity_max_mismatch"] == 0
+    m = re.search(rf"ratio ours / lm_eval: {NUM}x \(scoring phase\)", run.stdout)
+    assert m and float(m.group(1)) == pytest.approx(res["ratio"], abs=0.006), run.stdout
+    assert re.search(rf"ours .* {NUM} pairs/s", run.stdout) and re.search(rf"lm_eval .* {NUM} pairs/s", run.stdout)
+
+
+def test_server_vs_hf(runs, model_dir):
+    from eval.data import load_blimp
+    from eval.scoring import LocalTokenizer
+
+    run = runs["server_vs_hf"].result()
+    run.check()
+    res = run.result
+    # the sentences scored: recount the tokens with the local tokenizer
+    tok = LocalTokenizer(model_dir)
+    pairs = load_blimp(paradigms=[PARADIGM], allow_hub=False)[:PAIRS]
+    texts = [t for p in pairs for t in (p.good, p.bad)]
+    assert res["n_pairs"] == PAIRS and res["n_sentences"] == 2 * PAIRS
+    assert res["tokens"] == sum(1 + len(ids) for ids in tok.encode_batch(texts))
+    for side in ("server", "hf"):
+        assert finite_positive(res["tokens_per_s"][side])
+        assert res["tokens_per_s"][side] == pytest.approx(res["tokens"] / res["median_s"][side])
+        assert res["pairs_per_s"][side] == pytest.approx(PAIRS / res["median_s"][side])
+    assert finite_positive(res["ratio"])
+    assert res["ratio"] == pytest.approx(res["median_s"]["hf"] / res["median_s"]["server"])
+    assert finite_positive(res["cpu_ratio"])
+    # the server's worker did the forward passes while it was scoring
+    assert all(d["VLLM::Worker"] > 0 for d in res["cpu_during_server_pass_s"])
+    # same ablated log-probs on both sides, and the set really changes them
+    assert res["logprob_max_abs_diff"] < 2e-4
+    assert res["ablation_mean_abs_effect"] > 50 * max(res["logprob_max_abs_diff"], 1e-6)
+    assert res["hf_threads"] == res["cores"] == len(os.sched_getaffinity(0))
+    m = re.search(rf"max \|server - hf\| sentence sum = {NUM}", run.stdout)
+    assert m and float(m.group(1)) < 2e-4, run.stdout
+    m = re.search(rf"ratio server / hf: {NUM}x", run.stdout)
+    assert m and float(m.group(1)) == pytest.approx(res["ratio"], abs=0.006), run.stdout
+
+
+def test_op_overhead(runs):
+    run = runs["op_overhead"].result()
+    run.check()
+    res = run.result
+    assert res["tokens"] == 4 * 32
+    med = res["median_s"]
+    lines = {m.group(1): (float(m.group(2)), float(m.group(3)), float(m.group(4))) for m in re.finditer(
+        rf"^\s+(off|on|mixed)\s+{NUM} ms\s+{NUM} tok/s\s+ratio to off {NUM}$", run.stdout, re.M)}
+    assert set(lines) == {"off", "on", "mixed"}, run.stdout
+    for cond, (ms, tok_s, ratio) in lines.items():
+        assert finite_positive(med[cond]) and finite_positive(tok_s) and finite_positive(ratio)
+        assert ms == pytest.approx(med[cond] * 1000, abs=0.06)
+        assert ratio == pytest.approx(med["off"] / med[cond], abs=0.0006)
+    assert lines["off"][2] == 1.0
+    assert all(finite_positive(v) for v in res["op_us"].values())
+
+
+def test_discovery_speed(runs):
+    run = runs["discovery_speed"].result()
+    run.check()
+    res = run.result
+    assert 0 < res["tokens_per_pass"] <= 1024
+    for k in ("plain_tok_per_s", "observed_tok_per_s", "observed_incl_collect_tok_per_s",
+              "throughput_ratio", "throughput_ratio_incl_collect"):
+        assert finite_positive(res[k]), (k, res[k])
+    assert res["throughput_ratio"] == pytest.approx(res["observed_tok_per_s"] / res["plain_tok_per_s"])
+    assert res["observed_tok_per_s"] == pytest.approx(res["tokens_per_pass"] / res["observed_s"][0])
+    for label in ("small", "large", "plain_large"):
+        assert finite_positive(res["memory"][label]["peak_rss_mb"])
+    m = re.search(rf"observed\s+{NUM} tok/s .* ratio {NUM}", run.stdout)
+    assert m and float(m.group(2)) == pytest.approx(res["throughput_ratio"], abs=0.0006), run.stdout
