@@ -465,18 +465,7 @@ def perplexity_matched(
         return result(True, "lo_frac within tolerance")
     if p_lo > target:
         return result(False, f"already above target at fraction {lo:.4g} ({p_lo:.4g})")
-    while len(history) < max_iter:
-        mid = snap(0.5 * (lo + hi))
-        if not lo < mid < hi:
-            return result(False, "bracket narrower than one neuron")
-        p = evaluate(mid)
-        if abs(p - target) <= limit:
-            return result(True, "within tolerance")
-        if p < target:
-            lo = mid
-        else:
-            hi = mid
-    return result(False, "max_iter")
+    return _bisect(lo, hi, target, limit, max_iter, snap, evaluate, result, history, geometric=False)
 
 
 def _search_from_start(start_frac, lo_frac, hi_frac, target, limit, max_iter, n_res, snap,
@@ -509,8 +498,15 @@ def _search_from_start(start_frac, lo_frac, hi_frac, target, limit, max_iter, n_
             f = snap(max(smallest, f / growth))
         if len(history) >= max_iter:
             return result(False, "max_iter")
-    while len(history) < max_iter:  # geometric bisection
-        mid = snap(math.sqrt(lo * hi) if lo > 0 else 0.5 * (lo + hi))
+    return _bisect(lo, hi, target, limit, max_iter, snap, evaluate, result, history, geometric=True)
+
+
+def _bisect(lo, hi, target, limit, max_iter, snap, evaluate, result, history,
+            geometric: bool) -> MatchResult:
+    """Shrink the bracket ``lo < target < hi`` until the tolerance, ``max_iter`` calls or
+    one-neuron resolution; ``geometric`` halves it on a log scale (where ``lo > 0``)."""
+    while len(history) < max_iter:
+        mid = snap(math.sqrt(lo * hi) if geometric and lo > 0 else 0.5 * (lo + hi))
         if not lo < mid < hi:
             return result(False, "bracket narrower than one neuron")
         p = evaluate(mid)
