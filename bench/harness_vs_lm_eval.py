@@ -81,20 +81,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def start_token_of(model: Path) -> int | None:
-    """The start token recorded for an embedded model (SmolLM2: id 0), else None (BOS/EOS)."""
-    marker = model / "negablate_model.json"
-    if marker.exists():
-        return json.loads(marker.read_text()).get("start_token_id")
-    return None
-
-
-def bind_worker_to_all_cores() -> str:
-    """Give vLLM's CPU worker every core (it keeps one back by default); as eval/reproduce.py."""
-    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        cores = sorted(os.sched_getaffinity(0))
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
-    return os.environ["VLLM_CPU_OMP_THREADS_BIND"]
 
 
 def run_ours(url: str, model: Path, pairs, start: int | None, batch_size: int, concurrency: int):
@@ -191,6 +177,8 @@ def main() -> None:
 
     from eval.data import default_data_dir, load_blimp
     from eval.lm_eval_tasks.generate import generate
+    from eval.reproduce import bind_worker_to_all_cores
+    from vllm_negablate.models import recorded_start_token
     from vllm_negablate.testing.server import ServerProcess
 
     work = Path(tempfile.mkdtemp(prefix="negablate-bench-lme-"))
@@ -200,8 +188,10 @@ def main() -> None:
         from vllm_negablate.testing.tiny_models import build_tiny_model
 
         model = build_tiny_model("llama", work / "llama")
-    start = start_token_of(model)
-    binding = "vLLM default" if args.no_bind_all_cores else bind_worker_to_all_cores()
+    start = recorded_start_token(model)  # SmolLM2: id 0; None: BOS/EOS
+    if not args.no_bind_all_cores:
+        bind_worker_to_all_cores()
+    binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "vLLM default")
     paradigms = [p for p in args.paradigms.split(",") if p]
     per = max(1, args.pairs // len(paradigms))
     pairs = []

@@ -88,12 +88,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def start_token_of(model: Path) -> int | None:
-    """The start token recorded for an embedded model (SmolLM2: id 0), else None (BOS/EOS)."""
-    marker = model / "negablate_model.json"
-    if marker.exists():
-        return json.loads(marker.read_text()).get("start_token_id")
-    return None
 
 
 def hf_sums(model, seqs: list[list[int]], batch_size: int, pad_id: int) -> list[float]:
@@ -164,16 +158,18 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
+    from eval.reproduce import bind_worker_to_all_cores
+
     cores = sorted(os.sched_getaffinity(0))
-    if args.no_bind_all_cores:
-        binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "vLLM default (one core kept back)")
-    else:
-        binding = os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+    if not args.no_bind_all_cores:
+        bind_worker_to_all_cores()
+    binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "vLLM default (one core kept back)")
 
     import torch
 
     from eval.data import load_blimp
     from eval.scoring import CompletionsScorer
+    from vllm_negablate.models import recorded_start_token
     from vllm_negablate.oracle import HFAblationOracle
     from vllm_negablate.testing.server import ServerProcess
     from vllm_negablate.testing.sets import random_set
@@ -186,7 +182,7 @@ def main() -> None:
         from vllm_negablate.testing.tiny_models import build_tiny_model
 
         model = build_tiny_model("llama", work / "llama")
-    start = start_token_of(model)
+    start = recorded_start_token(model)  # SmolLM2: id 0; None: BOS/EOS
     paradigms = [p for p in args.paradigms.split(",") if p]
     per = max(1, args.pairs // len(paradigms))
     pairs = []

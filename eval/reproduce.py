@@ -38,6 +38,7 @@ from typing import Any
 from pydantic import BaseModel
 from rich.console import Console
 
+from vllm_negablate.models import recorded_start_token
 from vllm_negablate.neuron_set import percent_label
 
 from eval.data import default_data_dir, load_blimp, load_tse_ml, load_wikitext_text, stratified_subsample
@@ -155,8 +156,7 @@ def evaluate(cfg: ReproduceConfig, server_url: str, model_dir: Path, data_dir: P
     text = load_wikitext_text(data_dir / "wikitext-2" / "test.txt")
     cache = cfg.out / "cache" / "scores.sqlite"
     cache.parent.mkdir(parents=True, exist_ok=True)
-    marker = model_dir / "negablate_model.json"  # embedded models record their start token
-    start = json.loads(marker.read_text()).get("start_token_id") if marker.exists() else None
+    start = recorded_start_token(model_dir)  # embedded models record their start token
     for label, set_name, _ in conditions:
         model = "model" if set_name is None else f"model@{set_name}"
         runs = cfg.out / "runs" / label

@@ -711,6 +711,13 @@ def resolve_model(name_or_path: str | Path, *, cache_dir: str | Path | None = No
     )
 
 
+def recorded_start_token(model_dir: str | Path) -> int | None:
+    """The start token an embedded model's marker records (None: no marker or none recorded);
+    what the eval side passes to the scorer, which otherwise asks the tokenizer."""
+    marker = read_marker(model_dir)
+    return int(marker["start_token_id"]) if marker and isinstance(marker.get("start_token_id"), int) else None
+
+
 def start_token_id(model_dir: str | Path) -> int:
     """Token id sentences are scored from.
 
@@ -719,9 +726,9 @@ def start_token_id(model_dir: str | Path) -> int:
     that hurts scoring). Otherwise, as lm_eval does: the tokenizer's BOS if it has
     one, else its EOS.
     """
-    marker = read_marker(model_dir)
-    if marker and isinstance(marker.get("start_token_id"), int):
-        return int(marker["start_token_id"])
+    recorded = recorded_start_token(model_dir)
+    if recorded is not None:
+        return recorded
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from vllm_negablate.models import recorded_start_token
 from vllm_negablate.neuron_set import NeuronSet
 
 from eval.data import default_data_dir, load_blimp, load_wikitext_text, stratified_subsample
@@ -116,12 +117,7 @@ def condition_for(label: str, kind: str, ns: NeuronSet | None, index: int | None
                      neurons=ns.num_neurons(), set_hash=ns.content_hash())
 
 
-def start_token_of(model_dir: Path) -> int | None:
-    """The start token an embedded model records (``negablate_model.json``), as reproduce does."""
-    marker = Path(model_dir) / "negablate_model.json"
-    if marker.is_file():
-        return json.loads(marker.read_text()).get("start_token_id")
-    return None
+start_token_of = recorded_start_token  # the name layers/dynamics import
 
 
 def blimp_options(cond: Condition, s: EvalSettings) -> dict[str, Any]:
