@@ -179,7 +179,9 @@ def main() -> None:
     from eval.lm_eval_tasks.generate import generate
     from eval.reproduce import bind_worker_to_all_cores
     from vllm_negablate.models import recorded_start_token
-    from vllm_negablate.testing.server import ServerProcess
+    from vllm_negablate.testing.server import ServerProcess, exit_on_sigterm
+
+    exit_on_sigterm()  # a kill of this script still stops its server (finally below)
 
     work = Path(tempfile.mkdtemp(prefix="negablate-bench-lme-"))
     if args.model:

@@ -171,8 +171,10 @@ def main() -> None:
     from eval.scoring import CompletionsScorer
     from vllm_negablate.models import recorded_start_token
     from vllm_negablate.oracle import HFAblationOracle
-    from vllm_negablate.testing.server import ServerProcess
+    from vllm_negablate.testing.server import ServerProcess, exit_on_sigterm
     from vllm_negablate.testing.sets import random_set
+
+    exit_on_sigterm()  # a kill of this script still stops its server (finally below)
 
     torch.set_num_threads(len(cores))
     work = Path(tempfile.mkdtemp(prefix="negablate-bench-svh-"))

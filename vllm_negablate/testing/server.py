@@ -13,6 +13,21 @@ from pathlib import Path
 import httpx
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit(143)`` so ``finally: server.stop()`` runs.
+
+    The server runs in its own session (so a Ctrl-C in the terminal reaches only the
+    parent, which then stops it cleanly); without this a plain ``kill`` of the parent
+    skips the ``finally`` and leaves the server holding its port and memory.
+    Call it from a script's ``main``, not from library code.
+    """
+
+    def _exit(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
