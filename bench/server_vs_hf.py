@@ -70,24 +70,10 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from _common import DEFAULT_PARADIGMS, log  # noqa: E402  (also: offline env, repo on sys.path)
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-DEFAULT_PARADIGMS = ("adjunct_island", "anaphor_gender_agreement", "determiner_noun_agreement_1",
-                     "wh_questions_object_gap")
 SERVED = "bench"
 SET_NAME = "benchset"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 
 
 def hf_sums(model, seqs: list[list[int]], batch_size: int, pad_id: int) -> list[float]:

@@ -252,3 +252,39 @@ def test_cli_help_and_argument_checks(tmp_path):
     assert r.exit_code != 0 and "exactly one of" in r.output
     r = CliRunner().invoke(app, ["tasks", "--model-dir", str(tmp_path), "--set", "x"])
     assert r.exit_code != 0 and "--sets-dir" in r.output
+
+
+def test_local_task_index_falls_back_to_the_full_index(tmp_path, monkeypatch):
+    """All tasks local: lm_eval is run indexing only --include_path; if that run fails
+    (a local group of bundled tasks, say) it is repeated as plain ``python -m lm_eval``."""
+    cfg = lt.LmTasksConfig(server="http://x", model="m", tokenizer="/t", tasks=["mine"], out=tmp_path)
+    cond = cfg.conditions()[0]
+    inc = tmp_path / "inc"
+    plain = lt.lm_eval_command(cfg, cond, inc, lt.condition_dir(cfg, cond))
+    local = lt.local_index_command(plain)
+    assert local[0] == plain[0] and local[1] == "-c" and "include_defaults=False" in local[2]
+    assert local[3:] == plain[3:]  # the same lm_eval arguments
+    calls = []
+
+    class Done:
+        def __init__(self, rc):
+            self.returncode = rc
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        if cmd[1] == "-c":
+            return Done(1)
+        out = lt.condition_dir(cfg, cond) / "m"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results_2026-01-01T00-00-00.json").write_text(json.dumps(RESULTS_BASE))
+        return Done(0)
+
+    monkeypatch.setattr(lt.subprocess, "run", fake_run)
+    res = lt.run_condition(cfg, cond, inc, offline=True, local_index=True)
+    assert calls == [local, plain] and res.name.startswith("results_")
+    assert "again with lm_eval's full index" in (tmp_path / "logs" / "baseline.log").read_text()
+    assert json.loads((lt.condition_dir(cfg, cond) / "request.json").read_text())["task_index"] == \
+        "include_path only"
+    calls.clear()
+    lt.run_condition(cfg, cond, inc, offline=True, local_index=False)
+    assert calls == [plain]
