@@ -26,3 +26,30 @@ DEFAULT_PARADIGMS = ("adjunct_island", "anaphor_gender_agreement", "determiner_n
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def bench_model(model_arg: str | None, work: Path) -> tuple[Path, int | None]:
+    """The model to time (``--model``, else a tiny random Llama built under ``work``) and
+    the start token it records (SmolLM2: id 0; None: the tokenizer's BOS/EOS)."""
+    from vllm_negablate.models import recorded_start_token
+
+    if model_arg:
+        model = Path(model_arg).expanduser()
+    else:
+        from vllm_negablate.testing.tiny_models import build_tiny_model
+
+        model = build_tiny_model("llama", work / "llama")
+    return model, recorded_start_token(model)
+
+
+def blimp_pairs(paradigms_csv: str, n_pairs: int) -> tuple[list[str], list]:
+    """The paradigms asked for and the first ``n_pairs // len(paradigms)`` pairs of each
+    (the same pairs ``lm_eval --limit`` takes per paradigm)."""
+    from eval.data import load_blimp
+
+    paradigms = [p for p in paradigms_csv.split(",") if p]
+    per = max(1, n_pairs // len(paradigms))
+    pairs = []
+    for p in paradigms:
+        pairs += load_blimp(paradigms=[p], allow_hub=False)[:per]
+    return paradigms, pairs

@@ -65,7 +65,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import DEFAULT_PARADIGMS, log  # noqa: E402  (also: offline env, repo on sys.path)
+from _common import DEFAULT_PARADIGMS, bench_model, blimp_pairs, log  # noqa: E402  (also: offline env, repo on sys.path)
 
 SERVED = "bench"
 
@@ -162,30 +162,20 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
-    from eval.data import default_data_dir, load_blimp
+    from eval.data import default_data_dir
     from eval.lm_eval_tasks.generate import generate
     from eval.reproduce import bind_worker_to_all_cores
-    from vllm_negablate.models import recorded_start_token
     from vllm_negablate.testing.server import ServerProcess, exit_on_sigterm
 
     exit_on_sigterm()  # a kill of this script still stops its server (finally below)
 
     work = Path(tempfile.mkdtemp(prefix="negablate-bench-lme-"))
-    if args.model:
-        model = Path(args.model).expanduser()
-    else:
-        from vllm_negablate.testing.tiny_models import build_tiny_model
-
-        model = build_tiny_model("llama", work / "llama")
-    start = recorded_start_token(model)  # SmolLM2: id 0; None: BOS/EOS
+    model, start = bench_model(args.model, work)
     if not args.no_bind_all_cores:
         bind_worker_to_all_cores()
     binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "vLLM default")
-    paradigms = [p for p in args.paradigms.split(",") if p]
-    per = max(1, args.pairs // len(paradigms))
-    pairs = []
-    for p in paradigms:
-        pairs += load_blimp(paradigms=[p], allow_hub=False)[:per]  # = lm_eval --limit per
+    paradigms, pairs = blimp_pairs(args.paradigms, args.pairs)
+    per = max(1, args.pairs // len(paradigms))  # = lm_eval --limit
     tasks_dir = work / "tasks"
     generate(default_data_dir() / "blimp", tasks_dir, paradigms)
 

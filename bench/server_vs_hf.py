@@ -65,12 +65,11 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import DEFAULT_PARADIGMS, log  # noqa: E402  (also: offline env, repo on sys.path)
+from _common import DEFAULT_PARADIGMS, bench_model, blimp_pairs, log  # noqa: E402  (also: offline env, repo on sys.path)
 
 SERVED = "bench"
 SET_NAME = "benchset"
@@ -153,9 +152,7 @@ def main() -> None:
 
     import torch
 
-    from eval.data import load_blimp
     from eval.scoring import CompletionsScorer
-    from vllm_negablate.models import recorded_start_token
     from vllm_negablate.oracle import HFAblationOracle
     from vllm_negablate.testing.server import ServerProcess, exit_on_sigterm
     from vllm_negablate.testing.sets import random_set
@@ -164,18 +161,8 @@ def main() -> None:
 
     torch.set_num_threads(len(cores))
     work = Path(tempfile.mkdtemp(prefix="negablate-bench-svh-"))
-    if args.model:
-        model = Path(args.model).expanduser()
-    else:
-        from vllm_negablate.testing.tiny_models import build_tiny_model
-
-        model = build_tiny_model("llama", work / "llama")
-    start = recorded_start_token(model)  # SmolLM2: id 0; None: BOS/EOS
-    paradigms = [p for p in args.paradigms.split(",") if p]
-    per = max(1, args.pairs // len(paradigms))
-    pairs = []
-    for p in paradigms:
-        pairs += load_blimp(paradigms=[p], allow_hub=False)[:per]
+    model, start = bench_model(args.model, work)
+    paradigms, pairs = blimp_pairs(args.paradigms, args.pairs)
     ns = random_set(model, SET_NAME, args.mode, fraction=args.percent / 100, seed=0)
     (work / "sets").mkdir()
     ns.save(work / "sets" / f"{SET_NAME}.json")

@@ -41,6 +41,7 @@ import typer
 from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
+from vllm_negablate.models import recorded_start_token
 from vllm_negablate.neuron_set import NeuronSet, percent_label
 
 from eval.analysis.sweep import (
@@ -55,7 +56,6 @@ from eval.analysis.sweep import (
     fmt_drop,
     fmt_ratio,
     serve,
-    start_token_of,
     summarize,
 )
 from eval.data import default_data_dir
@@ -235,7 +235,7 @@ def run_checkpoint(cfg: DynamicsConfig, ck: Checkpoint) -> CheckpointResult:
                        kv_cache_mb=cfg.kv_cache_mb, max_model_len=cfg.max_model_len) as url:
                 evaluate_conditions(url, pending, runs, cfg.settings, tokenizer=model_dir,
                                     cache=ck_dir / "cache" / "scores.sqlite",
-                                    start_token=start_token_of(model_dir), cache_namespace=ck.label,
+                                    start_token=recorded_start_token(model_dir), cache_namespace=ck.label,
                                     title=f"{ck.label} (step {ck.step})")
     conds = conditions_of(disc, cfg)
     res = {c.label: summarize(runs, c, cfg.settings) for c in conds}

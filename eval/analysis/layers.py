@@ -36,6 +36,7 @@ import typer
 from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
+from vllm_negablate.models import recorded_start_token
 from vllm_negablate.neuron_set import NeuronSet, percent_label
 
 from eval.analysis.sweep import (
@@ -53,7 +54,6 @@ from eval.analysis.sweep import (
     fmt_ratio,
     serve,
     served_base_name,
-    start_token_of,
     summarize,
 )
 
@@ -243,7 +243,7 @@ def run_layers(cfg: LayersConfig) -> LayersResult:
     conds = plan(base, sets, layers, ks)
     runs = out / "runs"
     cache = out / "cache" / "scores.sqlite"
-    start = start_token_of(cfg.model)
+    start = recorded_start_token(cfg.model)
     console.print(f"[bold]layer analysis[/bold] of {base.name} ({base.num_neurons()} neurons, "
                   f"{n_layers} layers): {len(conds)} conditions")
     pending = [c for c in conds if not condition_done(runs, c, cfg.settings)]

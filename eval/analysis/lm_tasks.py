@@ -392,19 +392,18 @@ def run_condition(cfg: LmTasksConfig, cond: Condition, include: Path | None, off
     logs = cfg.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{cond.label}.log"
+    attempts = [(cmd, "")]  # (command line run, note logged beside the plain command)
+    if local_index and include is not None:
+        attempts.insert(0, (local_index_command(cmd), f"   # task index: {include} only"))
     with log.open("ab") as fh:
-        rc = None
-        if local_index and include is not None:
-            fh.write(f"\n$ {' '.join(cmd)}   # task index: {include} only\n".encode())
-            fh.flush()
-            rc = subprocess.run(local_index_command(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                cwd=folder).returncode
-            if rc != 0:
+        for i, (argv, note) in enumerate(attempts):
+            if i:
                 fh.write(b"\n[negablate] failed with the local task index; again with lm_eval's full index\n")
-        if rc != 0:
-            fh.write(f"\n$ {' '.join(cmd)}\n".encode())
+            fh.write(f"\n$ {' '.join(cmd)}{note}\n".encode())
             fh.flush()
-            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=folder).returncode
+            rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=folder).returncode
+            if rc == 0:
+                break
     res = find_results_file(folder)
     if rc != 0 or res is None:
         tail = log.read_bytes()[-3000:].decode(errors="replace")

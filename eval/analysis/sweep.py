@@ -36,7 +36,6 @@ from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vllm_negablate.models import recorded_start_token
 from vllm_negablate.neuron_set import NeuronSet
 
 from eval.data import default_data_dir, load_blimp, load_wikitext_text, stratified_subsample
@@ -115,9 +114,6 @@ def condition_for(label: str, kind: str, ns: NeuronSet | None, index: int | None
         return Condition(label=label, set_name=None, kind=kind, index=index)
     return Condition(label=label, set_name=ns.name, kind=kind, index=index,
                      neurons=ns.num_neurons(), set_hash=ns.content_hash())
-
-
-start_token_of = recorded_start_token  # the name layers/dynamics import
 
 
 def blimp_options(cond: Condition, s: EvalSettings) -> dict[str, Any]:
