@@ -53,3 +53,16 @@ def blimp_pairs(paradigms_csv: str, n_pairs: int) -> tuple[list[str], list]:
     for p in paradigms:
         pairs += load_blimp(paradigms=[p], allow_hub=False)[:per]
     return paradigms, pairs
+
+
+def add_common_args(parser) -> None:
+    """The flags both BLiMP benches take: which model and pairs, how often, the KV cache,
+    the CPU binding, and where the JSON goes."""
+    parser.add_argument("--model", default=None, help="HF model dir (default: a tiny random Llama)")
+    parser.add_argument("--pairs", type=int, default=400, help="pairs in all, split evenly over paradigms")
+    parser.add_argument("--paradigms", default=",".join(DEFAULT_PARADIGMS), help="comma-separated BLiMP UIDs")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--kv-cache-mb", type=int, default=256)
+    parser.add_argument("--no-bind-all-cores", action="store_true",
+                        help="keep vLLM's default CPU binding (one core kept for the scheduler)")
+    parser.add_argument("--json", default=None, help="also write the results here")

@@ -65,7 +65,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import DEFAULT_PARADIGMS, bench_model, blimp_pairs, log  # noqa: E402  (also: offline env, repo on sys.path)
+from _common import add_common_args, bench_model, blimp_pairs, log  # noqa: E402  (also: offline env, repo on sys.path)
 
 SERVED = "bench"
 
@@ -145,21 +145,14 @@ def parity(records, summary, lm_results: dict, paradigms: list[str]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="HF model dir (default: a tiny random Llama)")
-    parser.add_argument("--pairs", type=int, default=400, help="pairs in all, split evenly over paradigms")
-    parser.add_argument("--paradigms", default=",".join(DEFAULT_PARADIGMS), help="comma-separated BLiMP UIDs")
-    parser.add_argument("--reps", type=int, default=5)
+    add_common_args(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="ours: sentences per request")
     parser.add_argument("--concurrency", type=int, default=4, help="ours: requests in flight")
     parser.add_argument("--lm-eval-batch-size", type=int, default=1, help="lm_eval: default 1")
     parser.add_argument("--lm-eval-concurrency", type=int, default=1, help="lm_eval num_concurrent")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--kv-cache-mb", type=int, default=256)
-    parser.add_argument("--no-bind-all-cores", action="store_true",
-                        help="keep vLLM's default CPU binding (one core kept for the scheduler)")
     parser.add_argument("--no-warmup", action="store_true",
                         help="skip the untimed warm-up run of each side (smoke tests)")
-    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
     from eval.data import default_data_dir

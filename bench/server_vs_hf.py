@@ -69,7 +69,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import DEFAULT_PARADIGMS, bench_model, blimp_pairs, log  # noqa: E402  (also: offline env, repo on sys.path)
+from _common import add_common_args, bench_model, blimp_pairs, log  # noqa: E402  (also: offline env, repo on sys.path)
 
 SERVED = "bench"
 SET_NAME = "benchset"
@@ -127,20 +127,13 @@ def cpu_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="HF model dir (default: a tiny random Llama)")
-    parser.add_argument("--pairs", type=int, default=400, help="pairs in all, split evenly over paradigms")
-    parser.add_argument("--paradigms", default=",".join(DEFAULT_PARADIGMS), help="comma-separated BLiMP UIDs")
-    parser.add_argument("--reps", type=int, default=5)
+    add_common_args(parser)
     parser.add_argument("--percent", type=float, default=1.0, help="%% of each layer's neurons in the set")
     parser.add_argument("--mode", default="negative", choices=["negative", "positive", "both"])
     parser.add_argument("--batch-size", type=int, default=32, help="server: sentences per request")
     parser.add_argument("--concurrency", type=int, default=4, help="server: requests in flight")
     parser.add_argument("--hf-batch-size", type=int, default=128,
                         help="HF: sentences per padded batch (the reference's eval_blimp default: 128)")
-    parser.add_argument("--kv-cache-mb", type=int, default=256)
-    parser.add_argument("--no-bind-all-cores", action="store_true",
-                        help="keep vLLM's default CPU binding (one core kept for the scheduler)")
-    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
     from eval.reproduce import bind_worker_to_all_cores
