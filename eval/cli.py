@@ -21,7 +21,8 @@ app = typer.Typer(
         "Every command talks to an OpenAI-compatible /v1/completions endpoint (`negablate serve`, "
         "or plain vLLM) and scores each sentence from a start token (BOS, or EOS), from prompt logprobs "
         "(echo: true, logprobs: 1, max_tokens: 0). Select a neuron set with --model BASE@SET "
-        "(or --neuron-set SET, sent as vllm_xargs). Scores are cached in SQLite "
+        "(or --neuron-set SET, sent as vllm_xargs); BASE@none (--neuron-set none) is the unablated "
+        "model even while the server has a default set. Scores are cached in SQLite "
         "(~/.cache/negablate/eval-scores.sqlite, or $NEGABLATE_EVAL_CACHE): an interrupted run, "
         "started again, resumes.\n\n"
         "Typical A/B:\n\n"
@@ -65,7 +66,10 @@ ModelOpt = Annotated[str, typer.Option(
     "--model", "-m",
     help="Served model name; BASE@SET selects a neuron set (negablate serve). Plain vLLM: the base name only.")]
 NeuronSetOpt = Annotated[Optional[str], typer.Option(
-    "--neuron-set", help="Select the set in the body (vllm_xargs.neuron_set) instead of BASE@SET.")]
+    "--neuron-set", help="Select the set in the body (vllm_xargs.neuron_set) instead of BASE@SET. "
+                         "'none' (or --model BASE@none): no ablation, even while the server has a "
+                         "default set; naming no set scores under that default (recorded as "
+                         "server_default, with a warning).")]
 TokenizerOpt = Annotated[Optional[str], typer.Option(
     "--tokenizer", "-t",
     help="Model directory holding tokenizer.json (tokenized here, ids sent), or 'server' to use the "
@@ -143,6 +147,14 @@ def _run_guarded(fn: Any) -> Any:
         _fail("interrupted; the finished batches are cached: run the same command again to resume", 130)
 
 
+def _note_server_default(run: Any) -> None:
+    if run.server_default:
+        err.print(f"[bold yellow]note:[/bold yellow] no neuron set was named, so these scores are "
+                  f"under the server's default set {run.server_default!r} (recorded as "
+                  f"server_default); use --model {run.base_model}@none for the unablated model",
+                  highlight=False, soft_wrap=True)
+
+
 def _pick(pairs: list, limit: int | None, subsample: Subsample, seed: int) -> list:
     from collections import defaultdict
 
@@ -174,6 +186,7 @@ def _pair_command(task: str, pairs_fn: Any, options: dict[str, Any], scorer_args
     d = write_pair_run(out or _default_out(task, scorer_args["model"], scorer_args["neuron_set"]),
                        records, summary)
     print_pair_summary(summary, show_paradigms=show_paradigms)
+    _note_server_default(summary.run)
     st = summary.run.scoring
     err.print(f"{len(records)} pairs; {st['requests']} request(s), {st['cache_hits']} cached "
               f"sequence(s); wrote {d}/", highlight=False)
@@ -359,6 +372,7 @@ def perplexity(
             text_path=path, options=opts))
     d = write_ppl_run(out or _default_out("ppl", model, neuron_set), records, summary)
     print_ppl_summary(summary)
+    _note_server_default(summary.run)
     err.print(f"wrote {d}/", highlight=False)
 
 

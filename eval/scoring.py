@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import random
 import sqlite3
@@ -73,6 +74,10 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import httpx
+
+from vllm_negablate.neuron_set import NO_ABLATION, is_no_ablation
+
+logger = logging.getLogger("negablate.eval")
 
 __all__ = [
     "CACHE_ENV",
@@ -480,6 +485,10 @@ class CompletionsScorer:
                 f"({body_set!r}); use one of model='BASE@SET' or neuron_set='SET'"
             )
         self.neuron_set: str | None = model_set if model_set is not None else body_set
+        # For a run that names no set: the server's default set when it began
+        # (read from /v1/models on first use; None when there is none or plain vLLM).
+        self.server_default: str | None = None
+        self._default_probed = self.neuron_set is not None
         self.set_via: str | None = (
             "model" if model_set is not None else ("vllm_xargs" if body_set is not None else None)
         )
@@ -549,6 +558,7 @@ class CompletionsScorer:
             "base_model": self.base_model,
             "neuron_set": self.neuron_set,
             "set_via": self.set_via,
+            "server_default": self.server_default,
             "tokenizer": self.tokenizer.describe(),
             "echo_mode": self.echo_mode,
             "cache": str(self.cache.path) if self.cache else None,
@@ -570,8 +580,43 @@ class CompletionsScorer:
         return [[sid, *ids] for ids in tok.encode_batch(list(texts))]
 
     # ------------------------------------------------------------------ scoring
+    @property
+    def condition(self) -> str | None:
+        """The set the scores are computed under: the named set, else the server's
+        default at the start of the run; ``None`` for no ablation (``none`` included)."""
+        name = self.neuron_set if self.neuron_set is not None else self.server_default
+        return None if is_no_ablation(name) else name
+
     def key(self, ids: Sequence[int]) -> str:
-        return cache_key(self.base_model, self.neuron_set, ids, self.cache_namespace)
+        return cache_key(self.base_model, self.condition, ids, self.cache_namespace)
+
+    async def _probe_server_default(self) -> None:
+        """Warn when a run naming no set would be scored under the server's default set.
+
+        ``negablate serve`` lists it as ``negablate_default`` on the base model's card in
+        /v1/models; other servers have no such field (no default). Asked once per scorer.
+        """
+        if self._default_probed:
+            return
+        self._default_probed = True
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            async with httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=30.0,
+                                         transport=self.transport) as client:
+                resp = await client.get("/v1/models")
+            cards = resp.json().get("data", []) if resp.status_code == 200 else []
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return
+        for card in cards:
+            if isinstance(card, dict) and card.get("id") == self.base_model:
+                default = card.get("negablate_default")
+                if isinstance(default, str) and default:
+                    self.server_default = default
+                    logger.warning(
+                        "%s names no neuron set, and the server's default set is %r: these scores "
+                        "are under %r, not the unablated model (use %s@%s or --neuron-set %s for "
+                        "no ablation)", self.model, default, default, self.base_model,
+                        NO_ABLATION, NO_ABLATION)
 
     def score_ids(self, seqs: Sequence[Sequence[int]], desc: str | None = None) -> list[list[float | None]]:
         """Synchronous :meth:`ascore_ids` (not from inside a running event loop)."""
@@ -592,6 +637,7 @@ class CompletionsScorer:
         first entry ``None``. Cached sequences are not sent; duplicates are sent once.
         Sequences of length < 2 are answered locally (nothing to score)."""
         seqs = [[int(t) for t in s] for s in seqs]
+        await self._probe_server_default()
         keys = [self.key(s) for s in seqs]
         found: dict[str, list[float | None]] = {}
         todo: dict[str, list[int]] = {}
@@ -634,7 +680,7 @@ class CompletionsScorer:
                         lps = await self._request(client, [s for _, s in batch])
                     if self.cache is not None:
                         self.cache.put_many(
-                            (k, self.base_model, self.neuron_set, lp)
+                            (k, self.base_model, self.condition, lp)
                             for (k, _), lp in zip(batch, lps, strict=True)
                         )
                     for (k, _), lp in zip(batch, lps, strict=True):

@@ -60,6 +60,7 @@ from pydantic import BaseModel, ConfigDict
 
 from eval.data import MinimalPair
 from eval.scoring import CompletionsScorer
+from vllm_negablate.neuron_set import NO_ABLATION
 from eval.stats import OVERALL, AccuracyRow, accuracy_table
 
 __all__ = [
@@ -130,6 +131,7 @@ class RunInfo(BaseModel):
     base_model: str
     neuron_set: str | None
     set_via: str | None
+    server_default: str | None = None  # the server's default set, when the run named none
     tokenizer: dict[str, Any]
     echo_mode: str
     options: dict[str, Any] = {}
@@ -255,7 +257,8 @@ def _run_info(scorer: CompletionsScorer, task: TaskName, options: dict[str, Any]
     return RunInfo(
         task=task, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         server=d["server"], model=d["model"], base_model=d["base_model"],
-        neuron_set=d["neuron_set"], set_via=d["set_via"], tokenizer=d["tokenizer"],
+        neuron_set=d["neuron_set"], set_via=d["set_via"], server_default=d["server_default"],
+        tokenizer=d["tokenizer"],
         echo_mode=d["echo_mode"], options=options, scoring=scorer.stats(),
         elapsed_s=round(elapsed, 3),
     )
@@ -404,7 +407,13 @@ def load_records(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def _title(run: RunInfo) -> str:
     s = f"{run.task} — {run.base_model}"
-    return s + (f" @ {run.neuron_set}" if run.neuron_set else " (no neuron set)")
+    if run.neuron_set == NO_ABLATION:
+        return s + " (no ablation)"
+    if run.neuron_set:
+        return s + f" @ {run.neuron_set}"
+    if run.server_default:
+        return s + f" (no set named: the server's default {run.server_default!r})"
+    return s + " (no neuron set)"
 
 
 def print_pair_summary(summary: PairRunSummary, *, show_paradigms: bool = False, console: Any = None) -> None:

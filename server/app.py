@@ -15,8 +15,9 @@ import os
 import signal
 from pathlib import Path
 
-from server.registry import SetRegistry
+from server.registry import DEFAULT_WAIT_TIMEOUT, SetRegistry
 from server.routes import router
+from vllm_negablate.neuron_set import NO_ABLATION
 
 logger = logging.getLogger("negablate.server")
 
@@ -29,7 +30,12 @@ CPU_DEFAULTS = {
 
 
 def _wrap_model_list(state) -> None:
-    """List ``BASE@SET`` for every known set in /v1/models (lm_eval reads it)."""
+    """List ``BASE@none`` and ``BASE@SET`` for every known set in /v1/models (lm_eval reads it).
+
+    Each card says what it selects (``neuron_set``); the base card also says
+    which default set a request naming no set gets now (``negablate_default``),
+    so a client can tell "the base model" from "the default" without the admin key.
+    """
     from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
 
     models = state.openai_serving_models
@@ -37,12 +43,16 @@ def _wrap_model_list(state) -> None:
 
     async def show_available_models():
         listing = await original()
+        registry = state.negablate
+        for card in listing.data:
+            if models.is_base_model(card.id):
+                card.negablate_default = registry.default
         for base in models.base_model_paths:
-            for name in sorted(state.negablate.sets):
+            for name in [NO_ABLATION, *sorted(registry.sets)]:
                 listing.data.append(ModelCard(
                     id=f"{base.name}@{name}", parent=base.name, root=base.model_path,
                     max_model_len=models.model_config.max_model_len,
-                    permission=[ModelPermission()],
+                    permission=[ModelPermission()], neuron_set=name,
                 ))
         return listing
 
@@ -71,7 +81,8 @@ async def serve(args) -> None:
             async def rpc(method: str, *rpc_args):
                 return await engine.collective_rpc(method, args=rpc_args)
 
-            registry = SetRegistry(rpc, Path(args.neuron_sets) if args.neuron_sets else None, args.max_sets)
+            registry = SetRegistry(rpc, Path(args.neuron_sets) if args.neuron_sets else None,
+                                   args.max_sets, wait_timeout=args.set_wait_timeout)
             app.state.negablate = registry
             app.state.negablate_admin_key = args.admin_key or os.environ.get("NEGABLATE_ADMIN_KEY") or None
             keys = [k for k in (args.api_key or [envs.VLLM_API_KEY]) if k]
@@ -127,7 +138,13 @@ def parse_args(argv: list[str]):
     group.add_argument("--admin-key", default=None,
                        help="Bearer token for the control API (else NEGABLATE_ADMIN_KEY; none: read-only).")
     group.add_argument("--max-sets", type=int, default=8,
-                       help="Neuron sets resident on the workers at once (LRU eviction beyond).")
+                       help="Neuron sets resident on the workers at once. A request for a set that "
+                            "is not resident waits in line (FIFO) until a slot frees up: the least "
+                            "recently used idle set is unloaded, busy ones are drained first.")
+    group.add_argument("--set-wait-timeout", type=float, default=DEFAULT_WAIT_TIMEOUT, metavar="SECONDS",
+                       help="How long a request waits for a resident slot (and a DELETE for the "
+                            "set's running requests) before it is answered 503 with Retry-After "
+                            "(409 for the DELETE).")
     args = parser.parse_args(_with_cpu_defaults(argv))
     if getattr(args, "model_tag", None):
         args.model = args.model_tag  # vLLM's entry point leaves this to its CLI wrapper
@@ -135,6 +152,8 @@ def parse_args(argv: list[str]):
         args.host = "127.0.0.1"
     if MIDDLEWARE not in args.middleware:
         args.middleware.append(MIDDLEWARE)
+    if args.max_sets < 1 or args.set_wait_timeout <= 0:
+        raise SystemExit("--max-sets must be >= 1 and --set-wait-timeout > 0")
     if (args.api_server_count or 1) > 1 or args.headless:
         raise SystemExit("negablate serve runs one API server process (no --api-server-count/--headless)")
     validate_parsed_serve_args(args)

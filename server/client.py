@@ -7,20 +7,37 @@
         abl = c.score([[2, 651, 3797, 603]], neuron_set="wasserstein-top1")
         c.set_default("wasserstein-top1")
 
-Errors from the server are raised as :class:`NegablateAPIError` carrying the
-HTTP status and the OpenAI-style error message.
+``neuron_set=None`` always means *no ablation* (sent as ``BASE@none``), even
+while the server has a default set; pass :data:`SERVER_DEFAULT` to get whatever
+the default is. Answers 429 and 503 (a set waiting for a resident slot) are
+retried with backoff, honouring ``Retry-After``. Other errors from the server
+are raised as :class:`NegablateAPIError` carrying the HTTP status and the
+OpenAI-style error message.
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import httpx
 from pydantic import BaseModel
 
 from server.schemas import AblationState, NeuronSetList, NeuronSetSummary
-from vllm_negablate.neuron_set import NeuronSet
+from vllm_negablate.neuron_set import NO_ABLATION, NeuronSet
+
+RETRY_STATUS = frozenset({429, 503})
+
+
+class _ServerDefault:
+    def __repr__(self) -> str:
+        return "SERVER_DEFAULT"
+
+
+SERVER_DEFAULT: Final = _ServerDefault()
+"""Select no set in a request, so the server's default set (if any) applies."""
 
 
 class NegablateAPIError(RuntimeError):
@@ -61,12 +78,19 @@ class NegablateClient:
         api_key: str | None = None,
         model: str | None = None,
         timeout: float = 300.0,
+        max_retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
         self.admin_key = admin_key
         self.api_key = api_key
         self._model = model
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.n_retries = 0
 
     def __enter__(self) -> NegablateClient:
         return self
@@ -81,7 +105,12 @@ class NegablateClient:
     def _request(self, method: str, path: str, *, admin: bool = False, **kwargs: Any) -> Any:
         key = self.admin_key if admin else self.api_key
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        response = self._http.request(method, path, headers=headers, **kwargs)
+        for attempt in range(self.max_retries + 1):
+            response = self._http.request(method, path, headers=headers, **kwargs)
+            if response.status_code not in RETRY_STATUS or attempt == self.max_retries:
+                break
+            self.n_retries += 1
+            time.sleep(self._delay(attempt, response.headers.get("retry-after")))
         if response.status_code >= 400:
             try:
                 body = response.json()
@@ -90,6 +119,15 @@ class NegablateClient:
                 body, message = response.text, response.text
             raise NegablateAPIError(response.status_code, message, body)
         return response.json()
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        delay = min(self.max_backoff, self.backoff * 2**attempt)
+        if retry_after:
+            try:
+                delay = min(self.max_backoff, max(delay, float(retry_after)))
+            except ValueError:
+                pass
+        return delay * (0.75 + random.random() / 4)
 
     @property
     def model(self) -> str:
@@ -127,12 +165,14 @@ class NegablateClient:
     def score(
         self,
         prompts: Sequence[Sequence[int]] | Sequence[str],
-        neuron_set: str | None = None,
+        neuron_set: str | None | _ServerDefault = None,
         *,
         use_xargs: bool = False,
     ) -> list[ScoredPrompt]:
         """Prompt log-probabilities via ``/v1/completions`` (echo, logprobs, max_tokens 0).
 
+        ``neuron_set``: a set name; ``None`` for no ablation (``BASE@none``, whatever
+        the server's default); :data:`SERVER_DEFAULT` for the server's default set.
         Token-id prompts are scored as given (prepend BOS yourself); with
         ``use_xargs`` the set travels in ``vllm_xargs`` instead of ``BASE@SET``.
         """
@@ -142,10 +182,11 @@ class NegablateClient:
             "prompt": [list(p) for p in prompts] if as_ids else list(prompts),
             "echo": True, "logprobs": 0, "max_tokens": 0, "temperature": 0.0,
         }
-        if neuron_set is not None and use_xargs:
-            body["vllm_xargs"] = {"neuron_set": neuron_set}
-        elif neuron_set is not None:
-            model = f"{model}@{neuron_set}"
+        selector = None if neuron_set is SERVER_DEFAULT else (neuron_set or NO_ABLATION)
+        if selector is not None and use_xargs:
+            body["vllm_xargs"] = {"neuron_set": selector}
+        elif selector is not None:
+            model = f"{model}@{selector}"
         body["model"] = model
         data = self._request("POST", "/v1/completions", json=body)
         choices = sorted(data["choices"], key=lambda c: c["index"])
@@ -158,6 +199,11 @@ class NegablateClient:
             ))
         return out
 
-    def ab(self, prompts: Sequence[Sequence[int]] | Sequence[str], set_a: str | None, set_b: str | None) -> ABResult:
-        """Score the same prompts under two conditions (None: no ablation)."""
+    def ab(
+        self,
+        prompts: Sequence[Sequence[int]] | Sequence[str],
+        set_a: str | None | _ServerDefault,
+        set_b: str | None | _ServerDefault,
+    ) -> ABResult:
+        """Score the same prompts under two conditions (``None``: no ablation, always)."""
         return ABResult(a=self.score(prompts, set_a), b=self.score(prompts, set_b))

@@ -13,9 +13,12 @@ before vLLM's ``--api-key`` check. It does three things:
 * ``/v1/completions`` and ``/v1/chat/completions``: ``"model": "BASE@SET"``
   becomes ``"model": "BASE"`` plus ``vllm_xargs.neuron_set = SET``;
   ``vllm_xargs.neuron_set`` given directly is checked the same way. An unknown
-  set is an OpenAI-style 404 before anything reaches the engine. The set is
-  marked in use (made resident if it had been evicted) until the response,
-  streamed or not, has been sent.
+  set is an OpenAI-style 404 before anything reaches the engine. ``BASE@none``
+  (or ``neuron_set: "none"``) is the reserved "no ablation" selector: it goes
+  to the engine as ``neuron_set: "none"``, which wins over the default set.
+  A named set is held for the request (made resident first if it was not,
+  waiting in line for a slot: 503 with ``Retry-After`` only after the wait
+  limit) until the last byte of the response, streamed or not, is sent.
 * Everything else passes through untouched.
 """
 
@@ -25,20 +28,25 @@ import hmac
 import json
 from typing import Any
 
+from server.registry import SetNotFound
+from server.residency import SetGone, SlotWaitTimeout
 from server.routes import AUTH_SCOPE_KEY
 from server.schemas import ErrorResponse
+from vllm_negablate.neuron_set import NO_ABLATION, NeuronSetError, is_no_ablation
 
 CONTROL_PREFIXES = ("/v1/neuron-sets", "/v1/ablation")
 SCORING_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 SET_KEY = "neuron_set"
 
 
-async def _send_json(send, status: int, body: dict[str, Any]) -> None:
+async def _send_json(send, status: int, body: dict[str, Any],
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
     payload = json.dumps(body).encode()
     await send({
         "type": "http.response.start",
         "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()), *(headers or [])],
     })
     await send({"type": "http.response.body", "body": payload})
 
@@ -116,17 +124,33 @@ class NegablateMiddleware:
             data = json.loads(body)
         except ValueError:
             data = None
+        original = data
         name, data = self._select(data, state)
         if isinstance(name, dict):  # an error body
             return await _send_json(send, name["error"]["code"], name)
-        if name is not None:
+        if name is not None or data is not original:
             body = json.dumps(data).encode()
             scope = _replace_header(scope, b"content-length", str(len(body)).encode())
+        if name is not None:
             try:
                 await registry.acquire(name)
-            except Exception as exc:
-                return await _send_json(send, 409, _error(409, str(exc), "ConflictError", "model"))
+            except (SetNotFound, SetGone) as exc:
+                return await _send_json(send, 404, _error(404, str(exc), "NotFoundError", "model"))
+            except SlotWaitTimeout as exc:
+                return await _send_json(
+                    send, 503, _error(503, str(exc), "ServiceUnavailableError", "model"),
+                    headers=[(b"retry-after", str(max(1, round(exc.retry_after))).encode())])
+            except NeuronSetError as exc:  # no evictable slot, or the workers refused the set
+                return await _send_json(send, 503, _error(503, str(exc), "ServiceUnavailableError",
+                                                          "model"))
         replayed = False
+        held = name is not None
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                registry.release(name)
 
         async def replay():
             nonlocal replayed
@@ -135,11 +159,17 @@ class NegablateMiddleware:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
+        async def send_releasing(message):
+            # Free the set *before* the last byte goes out: a client that reads the
+            # answer and then deletes or replaces the set never finds it still in use.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                release()
+            await send(message)
+
         try:
-            await self.app(scope, replay, send)
+            await self.app(scope, replay, send_releasing if held else send)
         finally:
-            if name is not None:
-                registry.release(name)
+            release()
 
     @staticmethod
     def _select(data: Any, state) -> tuple[Any, Any]:
@@ -163,8 +193,12 @@ class NegablateMiddleware:
             data = {**data, "model": base}
         if name is None:
             return None, data
+        if is_no_ablation(name):  # the reserved selector: no ablation, whatever the default
+            data = {**data, "vllm_xargs": {**(xargs or {}), SET_KEY: NO_ABLATION}}
+            return None, data
         if not isinstance(name, str) or name not in registry.sets:
-            return _error(404, f"The neuron set `{name}` does not exist. Loaded sets: "
-                          f"{sorted(registry.sets)}.", "NotFoundError", "model"), data
+            return _error(404, f"The neuron set `{name}` does not exist. Known sets: "
+                          f"{sorted(registry.sets)} (`{NO_ABLATION}`: no ablation).",
+                          "NotFoundError", "model"), data
         data = {**data, "vllm_xargs": {**(xargs or {}), SET_KEY: name}}
         return name, data

@@ -1,17 +1,27 @@
 """Which neuron sets the server knows, which are resident, and who is using them.
 
-The registry is the server's source of truth; the workers hold at most
-``max_resident`` sets. A set uploaded or found on disk stays *known*; when
-room is needed the least recently used resident set that no running request
-uses (and that is not the default) is unloaded from the workers and reloaded
-on its next use. Every change goes through one ``asyncio.Lock`` so control
-calls are applied one at a time and never half-way: a call that fails on the
-workers leaves the registry and the files as they were.
+The registry is the server's source of truth for *known* sets (uploaded or
+found on disk) and the default; :class:`server.residency.SlotScheduler`
+decides which of them are resident on the workers (at most ``max_resident``)
+and makes requests for the others wait their turn.
+
+* Uploads never depend on load: a set is validated against the model's shape
+  here (no worker slot needed), saved, and becomes resident on first use. If
+  the name is resident already, the workers are re-pointed to the new content
+  at once; requests that were admitted with the old content keep it (they are
+  pinned by content hash on the workers).
+* ``DELETE`` of a set that running requests use *waits* for them (bounded by
+  the same wait limit as requests); new requests for it are refused (404)
+  from the moment the delete is asked for. If they do not finish in time,
+  the delete is abandoned with :class:`SetInUse` (HTTP 409, with the count)
+  and the set stays.
+* Control calls and slot changes go through one ``asyncio.Lock`` so the
+  workers see them one at a time; a call that fails on the workers leaves the
+  registry and the files as they were.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -20,7 +30,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from server.residency import SlotScheduler
+from vllm_negablate.runtime import SlotsExhausted
 from vllm_negablate.neuron_set import (
+    NO_ABLATION,
     ModelFingerprint,
     NeuronSet,
     NeuronSetError,
@@ -30,32 +43,43 @@ logger = logging.getLogger("negablate.server")
 
 RPC = Callable[..., Awaitable[list[dict[str, Any]]]]  # (method, *args) -> one reply per worker
 DEFAULT_FILE = ".default.json"
+DEFAULT_WAIT_TIMEOUT = 240.0  # seconds; under the clients' request timeouts (300-600 s)
 
 
 class SetNotFound(NeuronSetError):
     pass
 
 
-class CapacityError(NeuronSetError):
-    pass
+class SetInUse(NeuronSetError):
+    """A delete (or an upload during a delete) that conflicts with running requests."""
 
 
 class WorkerError(NeuronSetError):
-    pass
+    @property
+    def slots_exhausted(self) -> bool:
+        """The workers had no free slot (not: the set is invalid)."""
+        return f"{SlotsExhausted.__name__}:" in str(self)
 
 
 class SetRegistry:
-    def __init__(self, rpc: RPC, sets_dir: Path | None, max_resident: int) -> None:
+    def __init__(
+        self, rpc: RPC, sets_dir: Path | None, max_resident: int,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+    ) -> None:
         self._rpc = rpc
         self.sets_dir = sets_dir
         self.max_resident = max_resident
+        self.wait_timeout = wait_timeout
         self.sets: dict[str, NeuronSet] = {}
-        self.last_used: dict[str, float] = {}  # resident sets only
-        self.in_flight: Counter[str] = Counter()
         self.default: str | None = None
         self.fingerprint: ModelFingerprint | None = None
         self.load_errors: dict[str, str] = {}
-        self._lock = asyncio.Lock()
+        self.deleting: set[str] = set()
+        self.slots = SlotScheduler(
+            max_resident, self._load_on_workers, self._unload_from_workers,
+            known=lambda name: name in self.sets and name not in self.deleting,
+            protected=lambda: {self.default} if self.default else set(),
+        )
 
     # ---------------------------------------------------------------- helpers
     async def _call(self, method: str, *args: Any) -> dict[str, Any]:
@@ -65,39 +89,23 @@ class SetRegistry:
             raise WorkerError("; ".join(errors))
         return replies[0]["state"]
 
+    async def _load_on_workers(self, name: str) -> None:
+        await self._call("negablate_load_set", self.sets[name].model_dump_json())
+
+    async def _unload_from_workers(self, name: str) -> None:
+        await self._call("negablate_unload_set", name)
+        logger.info("neuron set %r unloaded from the workers (least recently used)", name)
+
     @property
     def resident(self) -> list[str]:
-        return sorted(self.last_used)
+        return self.slots.resident
+
+    @property
+    def in_flight(self) -> Counter[str]:
+        return self.slots.in_flight
 
     def _path(self, name: str) -> Path | None:
         return None if self.sets_dir is None else self.sets_dir / f"{name}.json"
-
-    async def _make_room(self, keep: str) -> None:
-        while len(self.last_used) >= self.max_resident:
-            candidates = [
-                n for n in self.last_used
-                if n != keep and n != self.default and self.in_flight[n] == 0
-            ]
-            if not candidates:
-                raise CapacityError(
-                    f"all {self.max_resident} resident slots hold sets that are in use or the "
-                    f"default ({self.resident}); retry later or raise --max-sets"
-                )
-            victim = min(candidates, key=self.last_used.__getitem__)
-            # mark it non-resident first: a request arriving during the RPC reloads it
-            last = self.last_used.pop(victim)
-            try:
-                await self._call("negablate_unload_set", victim)
-            except Exception:
-                self.last_used[victim] = last
-                raise
-            logger.info("evicted neuron set %r from the workers (least recently used)", victim)
-
-    async def _make_resident(self, ns: NeuronSet) -> None:
-        if ns.name not in self.last_used:
-            await self._make_room(keep=ns.name)
-        await self._call("negablate_load_set", ns.model_dump_json())
-        self.last_used[ns.name] = time.monotonic()
 
     # -------------------------------------------------------------- lifecycle
     async def startup(self) -> None:
@@ -120,8 +128,9 @@ class SetRegistry:
                 logger.error("neuron set file %s not loaded: %s", path, exc)
                 continue
             self.sets[ns.name] = ns
-            if len(self.last_used) < self.max_resident:
-                await self._make_resident(ns)
+            if len(self.slots.last_used) < self.max_resident:  # warm start; the rest on demand
+                await self._load_on_workers(ns.name)
+                self.slots.last_used[ns.name] = time.monotonic()
         default_path = self.sets_dir / DEFAULT_FILE
         if default_path.exists():
             try:
@@ -134,14 +143,31 @@ class SetRegistry:
 
     # ---------------------------------------------------------------- control
     async def put(self, ns: NeuronSet) -> NeuronSet:
+        """Validate against the model and save; never needs a free slot."""
         if self.fingerprint is not None:
             ns.check_compatible(self.fingerprint)
-        async with self._lock:
-            await self._make_resident(ns)  # validated by the workers before anything is saved
-            self.sets[ns.name] = ns
+        async with self.slots.lock:
+            if ns.name in self.deleting:
+                raise SetInUse(f"neuron set {ns.name!r} is being deleted; upload it again once "
+                               "the delete has finished")
+            if ns.name in self.slots.last_used:
+                # resident: re-point the name to the new content now (running requests keep
+                # the old content, pinned by hash); if the workers cannot take it, unload the
+                # name instead and let the next request load the new content
+                try:
+                    await self._call("negablate_load_set", ns.model_dump_json())
+                except WorkerError as exc:
+                    if ns.name == self.default or not exc.slots_exhausted:
+                        raise
+                    logger.warning("neuron set %r: reload refused (%s); unloading it, the next "
+                                   "request loads the new content", ns.name, exc)
+                    await self._call("negablate_unload_set", ns.name)
+                    self.slots.forget(ns.name)
             path = self._path(ns.name)
             if path is not None:
                 ns.save(path)
+            self.sets[ns.name] = ns
+        self.slots.notify()
         return ns
 
     def get(self, name: str) -> NeuronSet:
@@ -153,30 +179,62 @@ class SetRegistry:
             ) from None
 
     async def delete(self, name: str) -> None:
+        """Remove a set once the requests using it have finished (bounded wait)."""
         self.get(name)
-        async with self._lock:
-            if self.in_flight[name]:
-                raise CapacityError(f"neuron set {name!r} is used by {self.in_flight[name]} running requests")
-            if name in self.last_used:
-                await self._call("negablate_unload_set", name)
-                del self.last_used[name]
-            del self.sets[name]
-            if self.default == name:
-                self.default = None
-                self._save_default()
-            path = self._path(name)
-            if path is not None and path.exists():
-                path.unlink()
+        if name in self.deleting:
+            raise SetInUse(f"neuron set {name!r} is already being deleted")
+        self.deleting.add(name)
+        self.slots.notify()  # queued requests for it fail now
+        try:
+            deadline = time.monotonic() + self.wait_timeout
+            while self.in_flight[name]:
+                event = self.slots.change_event
+                if not self.in_flight[name]:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SetInUse(
+                        f"neuron set {name!r} is still used by {self.in_flight[name]} running "
+                        f"request(s) after {self.wait_timeout:g} s; it was not deleted"
+                    )
+                await self.slots.wait_for_change(event, remaining)
+            async with self.slots.lock:
+                if name in self.slots.last_used:
+                    await self._call("negablate_unload_set", name)
+                    self.slots.forget(name)
+                del self.sets[name]
+                if self.default == name:
+                    self.default = None
+                    self._save_default()
+                path = self._path(name)
+                if path is not None and path.exists():
+                    path.unlink()
+        finally:
+            self.deleting.discard(name)
+            self.slots.notify()
 
     async def set_default(self, name: str | None) -> None:
-        if name is not None:
-            ns = self.get(name)
-        async with self._lock:
-            if name is not None and name not in self.last_used:
-                await self._make_resident(ns)
-            await self._call("negablate_set_default", name)
-            self.default = name
-            self._save_default()
+        """Make ``name`` (None or ``"none"``: no ablation) what requests naming no set get."""
+        if name == NO_ABLATION:
+            name = None
+        if name is None:
+            async with self.slots.lock:
+                await self._call("negablate_set_default", None)
+                self.default = None
+                self._save_default()
+            self.slots.notify()
+            return
+        self.get(name)
+        if name in self.deleting:
+            raise SetNotFound(f"neuron set {name!r} is being deleted")
+        await self.slots.acquire(name, self.wait_timeout)  # resident, and held while we switch
+        try:
+            async with self.slots.lock:
+                await self._call("negablate_set_default", name)
+                self.default = name
+                self._save_default()
+        finally:
+            self.slots.release(name)
 
     def _save_default(self) -> None:
         if self.sets_dir is None:
@@ -187,24 +245,19 @@ class SetRegistry:
         tmp.replace(path)
 
     # ------------------------------------------------------------ per request
-    async def acquire(self, name: str) -> None:
-        """Mark ``name`` in use by one request, making it resident if it was evicted."""
-        ns = self.get(name)
-        self.in_flight[name] += 1
-        try:
-            if name not in self.last_used:
-                async with self._lock:
-                    if name not in self.last_used:
-                        await self._make_resident(ns)
-            self.last_used[name] = time.monotonic()
-        except Exception:
-            self.release(name)
-            raise
+    async def acquire(self, name: str) -> float:
+        """Hold ``name`` for one request: at once if resident, else wait for a slot.
+
+        Returns the seconds waited; raises :class:`SetNotFound` for an unknown set
+        (or one being deleted) and ``SlotWaitTimeout`` after the wait limit.
+        """
+        self.get(name)
+        if name in self.deleting:
+            raise SetNotFound(f"neuron set {name!r} is being deleted")
+        return await self.slots.acquire(name, self.wait_timeout)
 
     def release(self, name: str) -> None:
-        self.in_flight[name] -= 1
-        if self.in_flight[name] <= 0:
-            del self.in_flight[name]
+        self.slots.release(name)
 
     async def worker_states(self) -> list[dict[str, Any]]:
         replies = await self._rpc("negablate_state")

@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.registry import CapacityError, SetNotFound, SetRegistry, WorkerError
+from server.registry import SetInUse, SetNotFound, SetRegistry, WorkerError
+from server.residency import NoEvictableSlot, SetGone, SlotWaitTimeout
 from server.schemas import (
     AblationState,
     DeletedResponse,
@@ -24,6 +25,7 @@ from server.schemas import (
     NeuronSetList,
     NeuronSetSummary,
     SetDefaultRequest,
+    SlotWaits,
     WorkerState,
 )
 from vllm_negablate.neuron_set import NeuronSet, NeuronSetError
@@ -44,8 +46,10 @@ ERRORS = {
     401: {"model": ErrorResponse, "description": "Missing or wrong admin key."},
     403: {"model": ErrorResponse, "description": "No admin key configured: read-only."},
     404: {"model": ErrorResponse, "description": "Unknown neuron set."},
-    409: {"model": ErrorResponse, "description": "Slots full or set in use."},
-    422: {"model": ErrorResponse, "description": "Invalid set (schema, range, model shape)."},
+    409: {"model": ErrorResponse, "description": "Set still in use after the wait limit (delete), "
+                                                "or being deleted (upload)."},
+    422: {"model": ErrorResponse, "description": "Invalid set (schema, range, model shape, reserved name)."},
+    503: {"model": ErrorResponse, "description": "No slot for the set within the wait limit (Retry-After)."},
 }
 
 def _format_validation(errors) -> tuple[int, str]:
@@ -70,14 +74,17 @@ class OpenAIErrorRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def wrapped(request: Request):
+            headers = None
             try:
                 return await handler(request)
             except RequestValidationError as exc:
                 status, message = _format_validation(exc.errors())
             except StarletteHTTPException as exc:
                 status, message = exc.status_code, str(exc.detail)
+                headers = getattr(exc, "headers", None)
             type_ = HTTPStatus(status).phrase.title().replace(" ", "") + "Error"
-            return JSONResponse(ErrorResponse.make(status, message, type_).model_dump(), status_code=status)
+            return JSONResponse(ErrorResponse.make(status, message, type_).model_dump(),
+                                status_code=status, headers=headers)
 
         return wrapped
 
@@ -96,17 +103,23 @@ def _summary(reg: SetRegistry, ns: NeuronSet) -> NeuronSetSummary:
         layers=ns.counts_per_layer(),
         modes=sorted({e.mode.value for e in ns.entries}),
         provenance=ns.provenance,
-        resident=ns.name in reg.last_used,
+        resident=ns.name in reg.slots.last_used,
         in_flight=reg.in_flight[ns.name],
+        waiting=reg.slots.waiting()[ns.name],
         is_default=reg.default == ns.name,
     )
 
 
 def _http_error(exc: Exception) -> HTTPException:
-    if isinstance(exc, SetNotFound):
+    if isinstance(exc, (SetNotFound, SetGone)):
         return HTTPException(HTTPStatus.NOT_FOUND, str(exc))
-    if isinstance(exc, CapacityError):
+    if isinstance(exc, SetInUse):
         return HTTPException(HTTPStatus.CONFLICT, str(exc))
+    if isinstance(exc, SlotWaitTimeout):
+        return HTTPException(HTTPStatus.SERVICE_UNAVAILABLE, str(exc),
+                             headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+    if isinstance(exc, NoEvictableSlot):
+        return HTTPException(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
     if isinstance(exc, (WorkerError, NeuronSetError)):
         return HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc))
     return HTTPException(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
@@ -117,15 +130,19 @@ async def list_sets(reg: SetRegistry = Depends(get_registry)) -> NeuronSetList:
     return NeuronSetList(
         default=reg.default,
         max_resident=reg.max_resident,
+        wait_timeout_s=reg.wait_timeout,
+        slot_waits=SlotWaits(**reg.slots.wait_stats()),
         data=[_summary(reg, ns) for _, ns in sorted(reg.sets.items())],
     )
 
 
 @router.put("/v1/neuron-sets/{name}", response_model=NeuronSetSummary, summary="Upload or replace a set")
 async def put_set(name: str, neuron_set: NeuronSet, reg: SetRegistry = Depends(get_registry)) -> NeuronSetSummary:
-    """Validate the set against the served model, load it on every worker, persist it.
+    """Validate the set against the served model and persist it; no free slot needed.
 
-    Requests already running keep the content they started with.
+    The set becomes resident on first use. Replacing a resident set re-points it
+    on every worker at once; requests already running keep the content they started
+    with. The name `none` is reserved (it selects no ablation): 422.
     """
     if neuron_set.name != name:
         raise HTTPException(
@@ -149,6 +166,12 @@ async def get_set(name: str, reg: SetRegistry = Depends(get_registry)) -> Neuron
 
 @router.delete("/v1/neuron-sets/{name}", response_model=DeletedResponse, summary="Remove a set")
 async def delete_set(name: str, reg: SetRegistry = Depends(get_registry)) -> DeletedResponse:
+    """Remove a set once the requests running with it have finished.
+
+    From the call on, new requests naming the set get 404. If the running ones do
+    not finish within the server's wait limit (`--set-wait-timeout`), nothing is
+    deleted and the answer is 409 with their count.
+    """
     try:
         await reg.delete(name)
     except Exception as exc:

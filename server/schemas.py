@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from vllm_negablate.neuron_set import ModelFingerprint, Provenance
+from vllm_negablate.neuron_set import NO_ABLATION, ModelFingerprint, Provenance
 
 
 class NeuronSetSummary(BaseModel):
@@ -18,18 +18,31 @@ class NeuronSetSummary(BaseModel):
     provenance: Provenance
     resident: bool = Field(description="Loaded on the workers now (else reloaded on first use).")
     in_flight: int = Field(description="Requests using this set right now.")
+    waiting: int = Field(0, description="Requests queued for a resident slot for this set.")
     is_default: bool
+
+
+class SlotWaits(BaseModel):
+    count: int = 0
+    p50_s: float = 0.0
+    p99_s: float = 0.0
+    max_s: float = 0.0
 
 
 class NeuronSetList(BaseModel):
     object: str = "list"
     default: str | None
     max_resident: int
+    no_ablation: str = Field(NO_ABLATION, description="The reserved selector for no ablation (BASE@none).")
+    wait_timeout_s: float = Field(0.0, description="How long a request waits for a resident slot.")
+    slot_waits: SlotWaits = Field(default_factory=lambda: SlotWaits(),
+                                  description="Queueing of recent requests whose set was not resident.")
     data: list[NeuronSetSummary]
 
 
 class SetDefaultRequest(BaseModel):
-    name: str | None = Field(description="Neuron set for requests that name none; null: no ablation.")
+    name: str | None = Field(
+        description="Neuron set for requests that name none; null (or \"none\"): no ablation.")
 
 
 class WorkerState(BaseModel):

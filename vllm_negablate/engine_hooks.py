@@ -11,6 +11,9 @@ hashes, default), refreshed from the return value of every ``negablate_*``
 RPC. :func:`pin_request` then, for each new request:
 
 1. resolves its set (``extra_args["neuron_set"]``, else the current default);
+   ``"none"`` (:data:`~vllm_negablate.neuron_set.NO_ABLATION`) means no
+   ablation whatever the default, and a request that resolves to no set is
+   pinned as ``"none"`` so a default set later cannot reach it;
 2. writes the set's content hash into ``extra_args["neuron_set_hash"]`` so the
    worker uses exactly that content, whatever happens to the name later;
 3. sets ``cache_salt = "negablate:<hash>[:<user salt>]"`` and recomputes the
@@ -18,8 +21,7 @@ RPC. :func:`pin_request` then, for each new request:
    reused for another (vLLM hashes ``cache_salt`` into the first block, and
    every later block hash chains on it).
 
-Requests without a set (and no default) are left untouched: their cache key
-is vLLM's own and they share blocks with each other, as they should.
+Requests without a set (and no default) keep vLLM's own cache key and they share blocks with each other, as they should.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_negablate.neuron_set import NO_ABLATION, is_no_ablation
 from vllm_negablate.runtime import NEURON_SET_HASH_KEY, NEURON_SET_KEY
 
 logger = logging.getLogger("vllm_negablate")
@@ -67,7 +70,14 @@ def pin_request(request: Any, mirror: EngineCoreMirror) -> str | None:
         return None
     extra = dict(params.extra_args or {})
     name = extra.get(NEURON_SET_KEY, mirror.default)
-    if name is None or name == "":
+    if name is None or name == "" or is_no_ablation(name):
+        # Pin "no ablation" too: a default set after admission must not reach it.
+        if extra.get(NEURON_SET_KEY) != NO_ABLATION:
+            extra[NEURON_SET_KEY] = NO_ABLATION
+            extra.pop(NEURON_SET_HASH_KEY, None)
+            params = copy.copy(params)
+            params.extra_args = extra
+            request.sampling_params = params
         return None
     content_hash = mirror.names.get(name)
     if content_hash is None:

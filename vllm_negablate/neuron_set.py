@@ -22,6 +22,17 @@ SCHEMA_VERSION = 1
 # Names travel inside model ids ("BASE@SET"), URLs and file names: keep them plain.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
+# The reserved selector for "no ablation": ``BASE@none`` in a model name,
+# ``vllm_xargs: {"neuron_set": "none"}`` in a request body. It wins over the
+# server's default set, so the unablated model is always reachable; no set may
+# be called that (in any letter case).
+NO_ABLATION = "none"
+
+
+def is_no_ablation(name: object) -> bool:
+    """Whether a request's set selector means "no ablation"."""
+    return isinstance(name, str) and name == NO_ABLATION
+
 
 class AblationMode(str, Enum):
     """Which side of a pre-activation is removed.
@@ -142,6 +153,16 @@ class NeuronSet(BaseModel):
     entries: list[LayerAblation] = Field(default_factory=list)
     provenance: Provenance = Field(default_factory=Provenance)
     description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name.lower() == NO_ABLATION:
+            raise ValueError(
+                f"the name {name!r} is reserved: '{NO_ABLATION}' selects no ablation "
+                f"(BASE@{NO_ABLATION}, vllm_xargs.neuron_set='{NO_ABLATION}'); choose another name"
+            )
+        return name
 
     @field_validator("schema_version")
     @classmethod

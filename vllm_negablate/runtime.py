@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vllm_negablate.neuron_set import ModelFingerprint, NeuronSet, NeuronSetError
+from vllm_negablate.neuron_set import ModelFingerprint, NeuronSet, NeuronSetError, is_no_ablation
 from vllm_negablate.ops import SignAblatedActivation, ablate_dense_, ablate_sparse_
 from vllm_negablate.sharding import ShardSpec
 from vllm_negablate.step_plan import StepPlan
@@ -48,6 +48,14 @@ DEFAULT_MAX_SETS = int(os.environ.get("NEGABLATE_MAX_SETS", "8"))
 _LAYER_MLP = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp$")
 _ACT_ATTRS = ("act_fn", "act", "activation_fn")
 _DENSE_IN_PROJ = ("dense_h_to_4h", "c_fc", "fc1", "fc_in", "up_proj", "w1")
+
+
+class SlotsExhausted(NeuronSetError):
+    """Every worker slot holds a named set or a running request's pinned content.
+
+    Its class name travels in the RPC error text; the server reacts to it
+    (``server.registry``) instead of reporting an invalid set.
+    """
 
 
 class UnsupportedModelError(RuntimeError):
@@ -243,6 +251,8 @@ class WorkerRuntime:
         args = extra_args or {}
         wanted_hash = args.get(NEURON_SET_HASH_KEY)
         name = args.get(NEURON_SET_KEY)
+        if is_no_ablation(name):
+            return NO_ABLATION_SLOT
         if wanted_hash is None and name is None:
             name = self.default_name
         if wanted_hash is None and name is not None:
@@ -301,7 +311,7 @@ class WorkerRuntime:
         for slot in self.tables.user_slots:
             if slot not in used:
                 return slot
-        raise NeuronSetError(
+        raise SlotsExhausted(
             f"all {self.tables.num_user_slots} neuron-set slots are in use "
             f"(loaded: {sorted(self.names)}); remove a set first or raise NEGABLATE_MAX_SETS"
         )

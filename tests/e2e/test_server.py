@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from server.client import NegablateAPIError, NegablateClient
+from server.client import SERVER_DEFAULT, NegablateAPIError, NegablateClient
 from vllm_negablate.oracle import HFAblationOracle
 from vllm_negablate.testing.engines import TOL, max_diff, random_prompts
 from vllm_negablate.testing.server import ServerProcess
@@ -50,11 +50,15 @@ def test_upload_list_get_models_and_delete(served, client):
     a = random_set(model_dir, "A", "negative", seed=1)
     summary = client.upload_set(a)
     assert summary.content_hash == a.content_hash() and summary.num_neurons == a.num_neurons()
-    assert summary.resident and (sets_dir / "A.json").exists()
+    assert not summary.resident and (sets_dir / "A.json").exists()  # saved; resident on first use
+    client.score(random_prompts(1, length=8, seed=0), "A")
+    assert [(s.name, s.resident, s.in_flight) for s in client.list_sets().data] == [("A", True, 0)]
     assert [s.name for s in client.list_sets().data] == ["A"]
     assert client.get_set("A") == a
-    ids = [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]]
-    assert ids == ["tiny", "tiny@A"]
+    cards = httpx.get(f"{server.url}/v1/models").json()["data"]
+    assert [m["id"] for m in cards] == ["tiny", "tiny@none", "tiny@A"]
+    assert cards[0]["negablate_default"] is None
+    assert [m["neuron_set"] for m in cards[1:]] == ["none", "A"]
     tmp = random_set(model_dir, "tmp", "both", seed=2)
     client.upload_set(tmp)
     client.delete_set("tmp")
@@ -127,34 +131,87 @@ def test_per_request_selection_equals_the_oracle(served, client, oracle):
         assert r.json()["error"]["type"] == "NotFoundError" and "nope" in r.json()["error"]["message"]
 
 
+def test_none_selects_the_unablated_model_while_a_default_is_active(served, client, oracle):
+    """BASE@none, vllm_xargs none, the typed client's None and the harness's
+    --neuron-set none all equal the unablated oracle with default A active; a run
+    naming no set gets A and records it; a set named like the selector is refused."""
+    from eval.scoring import CompletionsScorer
+
+    server, model_dir, sets_dir = served
+    a = client.get_set("A")
+    texts = random_prompts(2, length=30, seed=21)
+    plain = [oracle.prompt_logprobs(t) for t in texts]
+    under_a = [oracle.prompt_logprobs(t, a) for t in texts]
+    client.set_default("A")
+    try:
+        for body in ({"model": "tiny@none"}, {"model": "tiny", "vllm_xargs": {"neuron_set": "none"}},
+                     {"model": "tiny@none", "vllm_xargs": {"neuron_set": "none"}}):
+            r = httpx.post(f"{server.url}/v1/completions", json={
+                **body, "prompt": texts, "echo": True, "logprobs": 0, "max_tokens": 0})
+            assert r.status_code == 200, r.text
+            rows = [c["logprobs"]["token_logprobs"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+            for row, ref in zip(rows, plain):
+                assert max_diff(row, ref) < TOL, body
+        ab = client.ab(texts, None, "A")
+        for x, y, p_ref, a_ref in zip(ab.a, ab.b, plain, under_a):
+            assert max_diff(x.logprobs, p_ref) < TOL and max_diff(y.logprobs, a_ref) < TOL
+        assert all(abs(d) > 1e-3 for d in ab.deltas())
+        default_rows = client.score(texts, SERVER_DEFAULT)
+        assert all(max_diff(x.logprobs, ref) < TOL for x, ref in zip(default_rows, under_a))
+        # the harness: explicit none (two spellings) vs a run naming no set
+        for kw in ({"model": "tiny@none"}, {"model": "tiny", "neuron_set": "none"}):
+            with CompletionsScorer(server.url, tokenizer=model_dir, cache=False, progress=False, **kw) as sc:
+                got = sc.score_ids(texts)
+                assert sc.server_default is None and sc.describe()["neuron_set"] == "none"
+            assert all(max_diff(row, ref) < TOL for row, ref in zip(got, plain)), kw
+        with CompletionsScorer(server.url, "tiny", tokenizer=model_dir, cache=False, progress=False) as sc:
+            got = sc.score_ids(texts)
+            assert sc.server_default == "A" and sc.describe()["server_default"] == "A"
+        assert all(max_diff(row, ref) < TOL for row, ref in zip(got, under_a))
+        cards = httpx.get(f"{server.url}/v1/models").json()["data"]
+        assert cards[0]["id"] == "tiny" and cards[0]["negablate_default"] == "A"
+        # the selector's name is reserved: 422, nothing changes
+        before, files = client.list_sets(), sorted(p.name for p in sets_dir.iterdir())
+        for name in ("none", "None"):
+            raw = random_set(model_dir, "x", "negative").model_dump(mode="json") | {"name": name}
+            r = httpx.put(f"{server.url}/v1/neuron-sets/{name}", json=raw,
+                          headers={"Authorization": f"Bearer {ADMIN}"})
+            assert r.status_code == 422 and "is reserved" in r.text, r.text
+        assert client.list_sets() == before and sorted(p.name for p in sets_dir.iterdir()) == files
+    finally:
+        client.set_default(None)
+
+
 def test_soak_default_flips_and_mixed_sets_never_mix(served, client):
     """Soak: 8 clients score while the default flips every 50 ms.
 
-    Each client alternates requests naming no set, A, or B (as BASE@SET or in
-    vllm_xargs). An explicit set must give exactly that set's reference; a
-    request naming none must give exactly one of the three references.
+    Each client alternates requests naming no set, ``none`` (no ablation), A,
+    or B (as BASE@SET or in vllm_xargs). An explicit set, ``none`` included,
+    must give exactly that set's reference whatever the default; a request
+    naming no set must give exactly one of the three references.
     """
     text = random_prompts(1, length=60, seed=8)[0]
-    refs = {name: client.score([text], name)[0].logprobs for name in (None, "A", "B")}
+    refs = {name: client.score([text], name)[0].logprobs for name in (None, "A", "B")}  # None: none
     assert max_diff(refs[None], refs["A"]) > 1e-3 and max_diff(refs["A"], refs["B"]) > 1e-3
-    counts = {"default->none": 0, "default->A": 0, "default->B": 0, "explicit A": 0, "explicit B": 0}
+    counts = {"default->none": 0, "default->A": 0, "default->B": 0, "explicit none": 0,
+              "explicit A": 0, "explicit B": 0}
     wrong: list = []
     stop = time.monotonic() + 8.0
     lock = threading.Lock()
 
     def worker(k: int):
-        choices = [None, "A", None, "B"]
+        choices = [SERVER_DEFAULT, "A", None, SERVER_DEFAULT, "B"]
         i = k
         with NegablateClient(server_url(client), model="tiny") as c:
             while time.monotonic() < stop:
-                wanted = choices[i % 4]
+                wanted = choices[i % 5]
                 row = c.score([text], wanted, use_xargs=bool(i % 3 == 0))[0].logprobs
                 i += 1
                 match = [n for n, ref in refs.items() if max_diff(row, ref) < 1e-5]
                 with lock:
-                    if wanted is not None and match == [wanted]:
-                        counts[f"explicit {wanted}"] += 1
-                    elif wanted is None and len(match) == 1:
+                    if wanted is not SERVER_DEFAULT and match == [wanted]:
+                        counts[f"explicit {wanted or 'none'}"] += 1
+                    elif wanted is SERVER_DEFAULT and len(match) == 1:
                         counts[f"default->{match[0] or 'none'}"] += 1
                     else:
                         wrong.append((wanted, match))
@@ -173,7 +230,7 @@ def test_soak_default_flips_and_mixed_sets_never_mix(served, client):
     client.set_default(None)
     print(f"soak: {flips} default flips, answers: {counts}, wrong: {len(wrong)}")
     assert not wrong, wrong[:5]
-    assert counts["explicit A"] and counts["explicit B"]
+    assert counts["explicit A"] and counts["explicit B"] and counts["explicit none"]
     assert sum(1 for k in ("default->none", "default->A", "default->B") if counts[k]) >= 2
 
 

@@ -80,3 +80,18 @@ def test_unknown_or_stale_sets_raise(hasher):
     stale = SamplingParams(max_tokens=1, extra_args={NEURON_SET_KEY: "A", NEURON_SET_HASH_KEY: "old"})
     with pytest.raises(UnknownNeuronSetError, match="expected old"):
         pin_request(request(hasher, stale), mirror())
+
+
+def test_none_selector_wins_over_the_default_and_no_set_is_pinned_as_none(hasher):
+    m = mirror(default="A")
+    explicit = request(hasher, SamplingParams(max_tokens=1, extra_args={NEURON_SET_KEY: "none"}))
+    before = list(explicit.block_hashes)
+    assert pin_request(explicit, m) is None
+    assert explicit.sampling_params.extra_args == {NEURON_SET_KEY: "none"}
+    assert explicit.cache_salt is None and explicit.block_hashes == before
+    # no set and no default at admission: pinned as "none", so a default set later
+    # (before the worker first sees the request) cannot reach it
+    plain = request(hasher, SamplingParams(max_tokens=1), rid="p")
+    assert pin_request(plain, mirror(default=None)) is None
+    assert plain.sampling_params.extra_args == {NEURON_SET_KEY: "none"}
+    assert plain.cache_salt is None and plain.block_hashes == before

@@ -103,6 +103,8 @@ class FakeCompletions:
         self.in_flight = 0
         self.max_in_flight = 0
         self.delay = 0.0
+        self.default: str | None = None  # negablate serve's default set (None: no ablation)
+        self.retry_after: str | None = None  # Retry-After sent with fail_status answers
 
     def _logprobs(self, ids: list[int], neuron_set: str | None) -> list[float | None]:
         return [None] + [self.rule(ids[i - 1], ids[i], i, neuron_set) for i in range(1, len(ids))]
@@ -118,7 +120,8 @@ class FakeCompletions:
         path, method = scope["path"], scope["method"]
         if method == "GET" and path == "/v1/models":
             return await self._send(send, 200, {"object": "list", "data": [
-                {"id": m, "object": "model", "max_model_len": self.max_model_len} for m in self.models]})
+                {"id": m, "object": "model", "max_model_len": self.max_model_len,
+                 "negablate_default": self.default} for m in self.models]})
         if method == "GET" and path == "/health":
             return await self._send(send, 200, {})
         if not (method == "POST" and path == "/v1/completions"):
@@ -129,7 +132,8 @@ class FakeCompletions:
         if self.raise_after is not None and self.calls > self.raise_after:
             return await self._send(send, 500, {"error": {"message": "injected crash"}})
         if self.fail_status:
-            return await self._send(send, self.fail_status.pop(0), {"error": {"message": "busy"}})
+            return await self._send(send, self.fail_status.pop(0), {"error": {"message": "busy"}},
+                                    [(b"retry-after", self.retry_after.encode())] if self.retry_after else [])
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -142,7 +146,8 @@ class FakeCompletions:
     async def _complete(self, send, data: dict[str, Any]) -> None:
         model, sep, mset = data["model"].partition("@")
         xset = (data.get("vllm_xargs") or {}).get("neuron_set")
-        if model not in self.models or (sep and mset not in self.sets) or (xset and xset not in self.sets):
+        known = (*self.sets, "none")
+        if model not in self.models or (sep and mset not in known) or (xset and xset not in known):
             return await self._send(send, 404, {"error": {
                 "message": f"The model `{data['model']}` does not exist.", "type": "NotFoundError",
                 "code": 404}})
@@ -158,7 +163,8 @@ class FakeCompletions:
             if len(ids) + 1 > self.max_model_len:
                 return await self._send(send, 400, {"error": {
                     "message": f"This model's maximum context length is {self.max_model_len} tokens."}})
-            lps = self._logprobs(ids, mset or xset)
+            chosen = mset or xset or self.default
+            lps = self._logprobs(ids, None if chosen == "none" else chosen)
             if mt:
                 lps = lps + [-0.123] * mt  # generated tokens
             choices.append({"index": i, "text": "", "finish_reason": "length",
@@ -169,11 +175,11 @@ class FakeCompletions:
                                      "model": model, "choices": choices})
 
     @staticmethod
-    async def _send(send, status: int, obj: Any) -> None:
+    async def _send(send, status: int, obj: Any, headers: list | None = None) -> None:
         raw = json.dumps(obj).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(raw)).encode())]})
+                                (b"content-length", str(len(raw)).encode()), *(headers or [])]})
         await send({"type": "http.response.body", "body": raw})
 
 
@@ -369,8 +375,9 @@ def test_retries_on_503_and_connection_errors(tok_dir):
     attempts = {"n": 0}
 
     async def flaky(request: httpx.Request) -> httpx.Response:
-        attempts["n"] += 1
-        if attempts["n"] <= 2:
+        if request.method == "POST":  # (the scorer's one GET /v1/models is not under test)
+            attempts["n"] += 1
+        if request.method == "POST" and attempts["n"] <= 2:
             raise httpx.ConnectError("connection refused", request=request)
         return await asgi.handle_async_request(request)
 
@@ -737,3 +744,48 @@ def test_lm_eval_tasks_cover_all_67_paradigms(tmp_path):
     assert len(written) == 68
     group = (tmp_path / "_negablate_blimp.yaml").read_text()
     assert all(f"negablate_blimp_{u}\n" in group for u in BLIMP_PARADIGMS)
+
+
+def test_retry_after_is_honoured_on_503(tok_dir, monkeypatch):
+    fake = FakeCompletions()
+    fake.fail_status = [503]
+    fake.retry_after = "7"
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def record(delay, *a, **k):
+        slept.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr("eval.scoring.asyncio.sleep", record)
+    sc = make_scorer(fake, tok_dir)
+    ids = sc.encode("the cat runs")
+    assert sc.score_ids([ids]) == [fake._logprobs(ids, None)] and sc.n_retries == 1
+    assert len(slept) == 1 and 3.5 <= slept[0] <= 7.0  # backoff 0.001 raised to Retry-After (jitter 0.5-1)
+
+
+def test_no_set_named_under_a_server_default_is_recorded_and_cached_apart(tok_dir, tmp_path, caplog):
+    """A run naming no set while the server has a default is scored (and cached) as
+    that default, warned about and recorded; BASE@none is the unablated model."""
+    fake = FakeCompletions()
+    fake.default = "wd"
+    cache = tmp_path / "scores.sqlite"
+    implicit = make_scorer(fake, tok_dir, cache=cache)
+    ids = implicit.encode("the cat runs")
+    with caplog.at_level("WARNING", logger="negablate.eval"):
+        got = implicit.score_ids([ids])
+    assert got == [fake._logprobs(ids, "wd")] and got != [fake._logprobs(ids, None)]
+    assert implicit.server_default == "wd" and implicit.describe()["server_default"] == "wd"
+    assert "the server's default set is 'wd'" in caplog.text and "fake@none" in caplog.text
+    none = make_scorer(fake, tok_dir, model="fake@none", cache=cache)
+    calls = fake.calls
+    assert none.score_ids([ids]) == [fake._logprobs(ids, None)]  # not the cached default scores
+    assert fake.calls == calls + 1 and none.server_default is None and none.condition is None
+    explicit = make_scorer(fake, tok_dir, model="fake@wd", cache=cache)
+    assert explicit.score_ids([ids]) == [fake._logprobs(ids, "wd")] and fake.calls == calls + 1  # cached
+    fake.default = None  # default cleared: a plain run is unablated and reuses the none scores
+    plain = make_scorer(fake, tok_dir, cache=cache)
+    assert plain.score_ids([ids]) == [fake._logprobs(ids, None)] and fake.calls == calls + 1
+    assert plain.server_default is None
+    for sc in (implicit, none, explicit, plain):
+        sc.close()

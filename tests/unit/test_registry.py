@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from server.registry import CapacityError, SetNotFound, SetRegistry, WorkerError
+from server.registry import SetInUse, SetNotFound, SetRegistry, WorkerError
 from vllm_negablate.neuron_set import LayerAblation, NeuronSet
 from vllm_negablate.ops import set_runtime
 from vllm_negablate.runtime import WorkerRuntime
@@ -63,34 +63,92 @@ def test_put_persists_and_restart_reloads_skipping_corrupt_files(engine, tmp_pat
     assert rt2.default_name == "b" and sorted(rt2.names) == ["b"]
 
 
+def test_uploads_need_no_slot_and_sets_become_resident_on_first_use(engine, tmp_path):
+    rt, rpc, calls = engine
+    reg = SetRegistry(rpc, tmp_path, max_resident=1)
+    run(reg.startup())
+    run(reg.put(make_set("a")))
+    assert reg.resident == [] and rt.names == {} and (tmp_path / "a.json").exists()
+    run(reg.acquire("a"))  # a request is using a: the one slot is taken
+    run(reg.put(make_set("b", (3,))))  # still accepted and saved
+    assert sorted(reg.sets) == ["a", "b"] and reg.resident == ["a"] and (tmp_path / "b.json").exists()
+    assert calls.count("negablate_load_set") == 1
+    reg.release("a")
+    run(reg.acquire("b"))  # b comes in, idle a goes
+    assert reg.resident == ["b"] and sorted(rt.names) == ["b"]
+    reg.release("b")
+
+
 def test_lru_eviction_skips_in_use_and_default_and_reloads_on_demand(engine):
     rt, rpc, _ = engine
     reg = SetRegistry(rpc, None, max_resident=2)
     run(reg.startup())
-    run(reg.put(make_set("a")))
-    run(reg.put(make_set("b", (3,))))
+    for name, neurons in (("a", (1, 2)), ("b", (3,)), ("c", (4,))):
+        run(reg.put(make_set(name, neurons)))
+    run(reg.acquire("b"))
+    reg.release("b")
     run(reg.acquire("a"))  # a request is using a
-    run(reg.put(make_set("c", (4,))))  # must evict b (a is in use)
+    run(reg.acquire("c"))  # must evict b (a is in use)
     assert reg.resident == ["a", "c"] and sorted(rt.names) == ["a", "c"]
     reg.release("a")
+    reg.release("c")
     run(reg.set_default("c"))
-    run(reg.acquire("b"))  # evicted b comes back; a (LRU, unused) goes
+    run(reg.acquire("b"))  # evicted b comes back; a (LRU, unused) goes, c is the default
     assert reg.resident == ["b", "c"] and sorted(rt.names) == ["b", "c"]
     reg.release("b")
     assert dict(reg.in_flight) == {}
 
 
-def test_capacity_error_when_everything_is_busy(engine):
+def test_replacing_a_resident_set_repoints_the_workers_at_once(engine, tmp_path):
     rt, rpc, _ = engine
-    reg = SetRegistry(rpc, None, max_resident=1)
+    reg = SetRegistry(rpc, tmp_path, max_resident=2)
     run(reg.startup())
-    run(reg.put(make_set("a")))
+    run(reg.put(make_set("a", (1,))))
     run(reg.acquire("a"))
-    with pytest.raises(CapacityError, match="in use or the default"):
-        run(reg.put(make_set("b", (3,))))
-    assert sorted(reg.sets) == ["a"] and sorted(rt.names) == ["a"]
-    with pytest.raises(CapacityError, match="used by 1 running requests"):
-        run(reg.delete("a"))
+    new = make_set("a", (5, 6))
+    run(reg.put(new))
+    assert rt.names["a"] == new.content_hash() and reg.sets["a"] == new
+    assert NeuronSet.load(tmp_path / "a.json") == new
+    reg.release("a")
+
+
+def test_delete_waits_for_running_requests_and_refuses_new_ones(engine, tmp_path):
+    rt, rpc, _ = engine
+
+    async def main():
+        reg = SetRegistry(rpc, tmp_path, max_resident=2, wait_timeout=0.2)
+        await reg.startup()
+        await reg.put(make_set("a"))
+        await reg.acquire("a")
+        # still in use after the wait limit: 409-style SetInUse, nothing deleted
+        with pytest.raises(SetInUse, match="still used by 1 running request"):
+            await reg.delete("a")
+        assert "a" in reg.sets and (tmp_path / "a.json").exists() and "a" in rt.names
+        # released during the wait: deleted; new requests are refused meanwhile
+        deleting = asyncio.create_task(reg.delete("a"))
+        await asyncio.sleep(0.02)
+        with pytest.raises(SetNotFound, match="being deleted"):
+            await reg.acquire("a")
+        reg.release("a")
+        await deleting
+        assert "a" not in reg.sets and not (tmp_path / "a.json").exists() and "a" not in rt.names
+        assert dict(reg.in_flight) == {}
+
+    run(main())
+
+
+def test_reserved_name_and_none_default(engine):
+    rt, rpc, _ = engine
+    reg = SetRegistry(rpc, None, max_resident=2)
+    run(reg.startup())
+    with pytest.raises(ValueError, match="reserved"):
+        make_set("none")
+    with pytest.raises(ValueError, match="reserved"):
+        make_set("None")
+    run(reg.put(make_set("a")))
+    run(reg.set_default("a"))
+    run(reg.set_default("none"))  # the selector means "no default"
+    assert reg.default is None and rt.default_name is None
 
 
 def test_rejected_calls_change_nothing(engine, tmp_path):
@@ -106,10 +164,14 @@ def test_rejected_calls_change_nothing(engine, tmp_path):
         run(reg.set_default("zz"))
     with pytest.raises(SetNotFound):
         run(reg.delete("zz"))
-    # a worker-side failure: the fingerprint check is bypassed to reach the worker
+    # a worker-side failure: the fingerprint check is bypassed to reach the worker,
+    # replacing the resident set "a"
+    run(reg.acquire("a"))
+    reg.release("a")
+    before = (dict(reg.sets), reg.resident, reg.default, sorted(p.name for p in tmp_path.iterdir()))
     reg.fingerprint = None
     with pytest.raises(WorkerError, match="num_layers"):
-        run(reg.put(wrong))
+        run(reg.put(wrong.model_copy(update={"name": "a"})))
     assert (dict(reg.sets), reg.resident, reg.default, sorted(p.name for p in tmp_path.iterdir())) == before
     assert json.loads((tmp_path / "a.json").read_text())["name"] == "a"
 

@@ -229,3 +229,13 @@ def test_wrapping_is_idempotent_and_poison_slot_is_nan(weights):
     assert isinstance(model.layers["0"].mlp.act_fn.inner, SiluAndMul)
     poison = rt.tables.layers[0].lo[rt.tables.poison_slot]
     assert all(math.isnan(v) for v in poison.tolist())
+
+
+def test_none_selector_is_unablated_whatever_the_default(weights):
+    model = FakeModel(weights)
+    rt = runtime_for(model)
+    rt.load_set(SET_A)
+    rt.set_default("A")
+    step(rt, [("d", 1), ("n", 1)], {"d": {}, "n": {NEURON_SET_KEY: "none"}})
+    assert rt.request_slots["d"] == rt.slots[SET_A.content_hash()].slot
+    assert rt.request_slots["n"] == 0  # the no-ablation slot
