@@ -39,7 +39,7 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from vllm_negablate.models import recorded_start_token
-from vllm_negablate.neuron_set import percent_label
+from vllm_negablate.neuron_set import NO_ABLATION, percent_label
 
 from eval.data import default_data_dir, load_blimp, load_tse_ml, load_wikitext_text, stratified_subsample
 
@@ -158,7 +158,7 @@ def evaluate(cfg: ReproduceConfig, server_url: str, model_dir: Path, data_dir: P
     cache.parent.mkdir(parents=True, exist_ok=True)
     start = recorded_start_token(model_dir)  # embedded models record their start token
     for label, set_name, _ in conditions:
-        model = "model" if set_name is None else f"model@{set_name}"
+        model = f"model@{NO_ABLATION if set_name is None else set_name}"
         runs = cfg.out / "runs" / label
         with CompletionsScorer(server_url, model, tokenizer=str(model_dir), cache=cache,
                                concurrency=2, progress=True, start_token=start) as scorer:

@@ -44,7 +44,11 @@ def ablation_state(llm: Any) -> dict[str, Any]:
 
 
 def sampling_params(neuron_set: str | None = None, **kwargs: Any):
-    """``SamplingParams`` that select ``neuron_set`` (None: the default set)."""
+    """``SamplingParams`` that select ``neuron_set``.
+
+    ``None``: the default set, if one is active; ``"none"``
+    (:data:`~vllm_negablate.neuron_set.NO_ABLATION`): no ablation, whatever the default.
+    """
     from vllm import SamplingParams
 
     extra = dict(kwargs.pop("extra_args", None) or {})
@@ -62,7 +66,8 @@ def score_prompts(
 ) -> list[list[float | None]]:
     """Per-token prompt log-probabilities (first token: None), one list per prompt.
 
-    ``neuron_set`` is one name for all prompts or one per prompt (mixed batch).
+    ``neuron_set`` is one name for all prompts or one per prompt (mixed batch);
+    ``None`` takes the default set, ``"none"`` is the unablated model.
     """
     if isinstance(neuron_set, str) or neuron_set is None:
         names: Sequence[str | None] = [neuron_set] * len(prompts)

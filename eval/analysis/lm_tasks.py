@@ -59,6 +59,8 @@ import typer
 from pydantic import BaseModel, Field
 from rich.console import Console
 
+from vllm_negablate.neuron_set import NO_ABLATION
+
 console = Console(stderr=True)
 
 BASELINE = "baseline"
@@ -205,8 +207,9 @@ class Condition(BaseModel):
 
 
 def conditions_for(base: str, sets: Sequence[str]) -> list[Condition]:
-    """The baseline first, then one condition per set (duplicates dropped)."""
-    out = [Condition(label=BASELINE, set=None, model=base)]
+    """The baseline (``BASE@none``: unablated even under a server default) first, then
+    one condition per set (duplicates dropped)."""
+    out = [Condition(label=BASELINE, set=None, model=f"{base}@{NO_ABLATION}")]
     for s in dict.fromkeys(sets):
         if s == BASELINE:
             raise ValueError(f"a neuron set may not be called {BASELINE!r} (it names the unablated model)")

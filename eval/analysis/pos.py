@@ -76,6 +76,7 @@ from eval.analysis.tagging import (
     load_tagger,
     prepare_text,
 )
+from vllm_negablate.neuron_set import NO_ABLATION
 
 __all__ = [
     "ALIGNMENT_RULE",
@@ -555,7 +556,9 @@ def run_pos_analysis(cfg: PosConfig) -> PosReport:
             progress=False,
         )
 
-    conditions: list[tuple[str, str]] = [("baseline", cfg.model)] + [(s, f"{cfg.model}@{s}") for s in sets]
+    # the baseline is BASE@none: unablated even while the server has a default set
+    conditions: list[tuple[str, str]] = [("baseline", f"{cfg.model}@{NO_ABLATION}")] + [
+        (s, f"{cfg.model}@{s}") for s in sets]
     surprisal: dict[str, np.ndarray] = {}
     scoring_stats: dict[str, dict[str, Any]] = {}
     try:

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vllm_negablate.neuron_set import NeuronSet
+from vllm_negablate.neuron_set import NO_ABLATION, NeuronSet
 
 from eval.data import default_data_dir, load_blimp, load_wikitext_text, stratified_subsample
 
@@ -145,7 +145,8 @@ def condition_done(runs_dir: Path, cond: Condition, s: EvalSettings) -> bool:
 
 
 def served_model(served_name: str, set_name: str | None) -> str:
-    return served_name if set_name is None else f"{served_name}@{set_name}"
+    """``BASE@SET``; the baseline is ``BASE@none``, unablated even if the server has a default."""
+    return f"{served_name}@{NO_ABLATION if set_name is None else set_name}"
 
 
 # --------------------------------------------------------------------------- server

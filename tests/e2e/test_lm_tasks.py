@@ -218,7 +218,7 @@ def test_table_deltas_files_and_markdown(run, oracle_scores):
     keys = {(r.task, r.metric, r.condition) for r in result.rows}
     assert keys == {(t, m, c) for t in ("tiny_mc", "piqa_local") for m in ("acc", "acc_norm")
                     for c in ("baseline", SET)}
-    assert [c.model for c in result.conditions] == ["tiny", f"tiny@{SET}"]
+    assert [c.model for c in result.conditions] == ["tiny@none", f"tiny@{SET}"]
     by = {(r.task, r.metric, r.condition): r for r in result.rows}
     for t in ("tiny_mc", "piqa_local"):
         for m in ("acc", "acc_norm"):

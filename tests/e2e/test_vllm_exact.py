@@ -121,6 +121,10 @@ def test_default_set_applies_to_requests_that_name_none(engine):
     state = set_default_neuron_set(llm, "dflt")
     assert state["default"] == "dflt"
     assert max_diff(score_prompts(llm, [text])[0], oracle.prompt_logprobs(text, ns)) < TOL
+    # "none" is the unablated model whatever the default (plain vLLM: vllm_xargs / extra_args)
+    mixed = score_prompts(llm, [text] * 2, neuron_set=["none", None])
+    assert max_diff(mixed[0], oracle.prompt_logprobs(text)) < TOL
+    assert max_diff(mixed[1], oracle.prompt_logprobs(text, ns)) < TOL
     set_default_neuron_set(llm, None)
     assert max_diff(score_prompts(llm, [text])[0], oracle.prompt_logprobs(text)) < TOL
 

@@ -114,7 +114,7 @@ def test_paired_deltas_from_samples_and_outputs(tmp_path):
 
     paths = lt.write_outputs(result, tmp_path / "out")
     back = lt.load_result(tmp_path / "out")
-    assert back.rows == result.rows and [c.model for c in back.conditions] == ["tiny", "tiny@ws"]
+    assert back.rows == result.rows and [c.model for c in back.conditions] == ["tiny@none", "tiny@ws"]
     with paths["csv"].open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(result.rows) == 10
@@ -181,7 +181,7 @@ def test_declared_names_conditions_and_command(tmp_path):
     with pytest.raises(ValueError, match="baseline"):
         lt.conditions_for("m", ["baseline"])
     conds = lt.conditions_for("m", ["a", "b", "a"])
-    assert [(c.label, c.set, c.model) for c in conds] == [("baseline", None, "m"), ("a", "a", "m@a"),
+    assert [(c.label, c.set, c.model) for c in conds] == [("baseline", None, "m@none"), ("a", "a", "m@a"),
                                                           ("b", "b", "m@b")]
     cfg = lt.LmTasksConfig(server="127.0.0.1:8000/v1", model="m", tokenizer="/tok", sets=["a"],
                            tasks=["piqa_local", "arc_easy"], limit=5, max_length=512, prefix_token_id=0)
