@@ -100,7 +100,8 @@ def main() -> None:
 
     from vllm import LLM
 
-    from vllm_negablate.discovery.pipeline import make_windows, start_token_id, tokenize_corpus
+    from vllm_negablate.discovery.pipeline import make_windows, tokenize_corpus
+    from vllm_negablate.start_token import start_token_id
 
     model = args.model or str(build_model(args.width, args.layers))
     if args.window is None:
@@ -116,7 +117,7 @@ def main() -> None:
     need = max(args.tokens, args.tokens_large)
     while len(ids) < need:  # a short corpus is repeated (fine for timing and memory)
         ids = ids + ids
-    start = start_token_id(tok)
+    start = start_token_id(model)  # the project's one rule: marker, else BOS, else EOS
     win = lambda n: make_windows(ids, args.window, start, max_tokens=n)  # noqa: E731
     config = {"nbins": args.nbins, "device": args.device}
     state = llm.collective_rpc("negablate_state")[0]["state"]

@@ -157,8 +157,7 @@ def main() -> None:
 
     from eval.data import default_data_dir
     from eval.lm_eval_tasks.generate import generate
-    from eval.reproduce import bind_worker_to_all_cores
-    from vllm_negablate.testing.server import ServerProcess, exit_on_sigterm
+    from server.launcher import ServerProcess, bind_worker_to_all_cores, exit_on_sigterm
 
     exit_on_sigterm()  # a kill of this script still stops its server (finally below)
 
@@ -173,7 +172,7 @@ def main() -> None:
     generate(default_data_dir() / "blimp", tasks_dir, paradigms)
 
     server = ServerProcess(model, log_path=work / "server.log", served_name=SERVED, dtype=args.dtype,
-                           kv_cache_bytes=args.kv_cache_mb * 2**20)
+                           kv_cache_bytes=args.kv_cache_mb * 2**20, max_model_len=512)
     t0 = time.perf_counter()
     log("starting the server ...")
     server.start(timeout=900)

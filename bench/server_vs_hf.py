@@ -136,7 +136,7 @@ def main() -> None:
                         help="HF: sentences per padded batch (the reference's eval_blimp default: 128)")
     args = parser.parse_args()
 
-    from eval.reproduce import bind_worker_to_all_cores
+    from server.launcher import ServerProcess, bind_worker_to_all_cores, exit_on_sigterm
 
     cores = sorted(os.sched_getaffinity(0))
     if not args.no_bind_all_cores:
@@ -147,7 +147,6 @@ def main() -> None:
 
     from eval.scoring import CompletionsScorer
     from vllm_negablate.oracle import HFAblationOracle
-    from vllm_negablate.testing.server import ServerProcess, exit_on_sigterm
     from vllm_negablate.testing.sets import random_set
 
     exit_on_sigterm()  # a kill of this script still stops its server (finally below)
@@ -161,7 +160,7 @@ def main() -> None:
     ns.save(work / "sets" / f"{SET_NAME}.json")
 
     server = ServerProcess(model, "--neuron-sets", str(work / "sets"), log_path=work / "server.log",
-                           served_name=SERVED, kv_cache_bytes=args.kv_cache_mb * 2**20)
+                           served_name=SERVED, kv_cache_bytes=args.kv_cache_mb * 2**20, max_model_len=512)
     log("starting the server ...")
     t0 = time.perf_counter()
     server.start(timeout=900)

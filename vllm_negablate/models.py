@@ -48,9 +48,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_negablate import start_token as _start_token
 from vllm_negablate.paths import sha256_file
 
-MARKER_FILE = "negablate_model.json"
+# The start-token rule lives in one place; these names stay importable from here.
+from vllm_negablate.start_token import MARKER_FILE, recorded_start_token  # noqa: F401
+
 MARKER_VERSION = 1
 DTYPES = ("float32", "bfloat16")
 CACHE_ENV = "NEGABLATE_CACHE"
@@ -711,31 +714,22 @@ def resolve_model(name_or_path: str | Path, *, cache_dir: str | Path | None = No
     )
 
 
-def recorded_start_token(model_dir: str | Path) -> int | None:
-    """The start token an embedded model's marker records (None: no marker or none recorded);
-    what the eval side passes to the scorer, which otherwise asks the tokenizer."""
-    marker = read_marker(model_dir)
-    return int(marker["start_token_id"]) if marker and isinstance(marker.get("start_token_id"), int) else None
-
-
 def start_token_id(model_dir: str | Path) -> int:
-    """Token id sentences are scored from.
+    """Token id sentences are scored from: the project's one rule,
+    :func:`vllm_negablate.start_token.start_token_id` (marker, else BOS, else EOS).
 
     The embedded models' marker decides (Gemma: ``<bos>``; SmolLM2: ``<|endoftext|>``
     id 0 — an override, since its tokenizer's BOS ``<|im_start|>`` is a chat marker
-    that hurts scoring). Otherwise, as lm_eval does: the tokenizer's BOS if it has
-    one, else its EOS.
+    that hurts scoring). A hub id, or a directory whose tokenizer files name no
+    BOS/EOS, falls back to ``transformers.AutoTokenizer`` (imported only then).
     """
-    recorded = recorded_start_token(model_dir)
-    if recorded is not None:
-        return recorded
+    return _start_token.start_token_id(model_dir, fallback=lambda: _auto_tokenizer(model_dir))
+
+
+def _auto_tokenizer(model_dir: str | Path) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    token = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    if token is None:
-        raise ValueError(f"{model_dir}: tokenizer has neither a BOS nor an EOS token")
-    return int(token)
+    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 # --------------------------------------------------------------------------- listing

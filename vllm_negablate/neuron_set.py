@@ -1,5 +1,10 @@
 """Neuron sets: which MLP neurons to ablate, on which side of zero, for which model.
 
+A neuron is one column of a decoder layer's *MLP pre-activation*
+(TransformerLens: ``blocks.{l}.mlp.hook_pre``): the gate projection's output
+for gated MLPs, the input projection's output for dense ones. Layer indices
+are global, neuron indices are columns of the full (unsharded) MLP width.
+
 A :class:`NeuronSet` is the one data format shared by the plugin, the CLI, the
 control server and files on disk. It is plain JSON so that sets can be written
 by hand, diffed and versioned; the schema is strict so that a set made for one
@@ -35,7 +40,7 @@ def is_no_ablation(name: object) -> bool:
 
 
 class AblationMode(str, Enum):
-    """Which side of a pre-activation is removed.
+    """Which side of an MLP pre-activation (``blocks.{l}.mlp.hook_pre``) is removed.
 
     The clamp happens *before* the nonlinearity, so with GELU(0) = SiLU(0) = 0
     ``negative`` zeroes the neuron's output exactly where its pre-activation is

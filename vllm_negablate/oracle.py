@@ -1,22 +1,26 @@
 """A plain-transformers reference implementation of sign-specific neuron ablation.
 
-The vLLM plugin clamps pre-activations inside fused kernels (``SiluAndMul`` /
+The vLLM plugin clamps MLP pre-activations inside fused kernels (``SiluAndMul`` /
 ``GeluAndMul`` on a fused ``gate_up_proj`` output, batched, with per-request
 sets). That is fast but hard to read. This module is the opposite: the same
 intervention written the most obvious way, on an unmodified Hugging Face model,
 so that tests can say "the plugin gives the same logprobs as the oracle".
 
-How the intervention is applied here (see SCIENCE.md):
+How the intervention is applied here (see ``docs/science.md``):
 
 * Every supported decoder layer's MLP calls an activation *module* on the
-  pre-activation: ``mlp.act_fn(gate_proj(x))`` for gated MLPs
+  MLP pre-activation (TransformerLens: ``blocks.{l}.mlp.hook_pre``):
+  ``mlp.act_fn(gate_proj(x))`` for gated MLPs
   (Llama/Qwen/Mistral/OLMo SwiGLU, Gemma GeGLU) and ``mlp.act(dense_h_to_4h(x))``
   / ``mlp.act(c_fc(x))`` for dense MLPs (GPT-NeoX/Pythia, GPT-2).
 * A forward-pre-hook on that module therefore sees exactly the pre-activation
   ``h`` (for gated MLPs, the gate ``g``; the up projection ``u`` is untouched)
   and replaces it by ``h[..., i] <- clamp(h[..., i], lo_i, hi_i)`` for each
   neuron ``i`` of the set in that layer, with ``(lo, hi)`` from the mode's
-  :attr:`AblationMode.bounds`.
+  :attr:`AblationMode.bounds`. The clamp itself is
+  :func:`~vllm_negablate.ops.clamp_pre_activation_native`, the same reference
+  the plugin's kernels are tested against, so the oracle differs from the
+  plugin only in *where* it finds ``h``, never in what it does to it.
 
 Everything runs in float32 on CPU, one sequence at a time, with no padding:
 slow, but with no batching or padding effect that could hide a discrepancy.
@@ -25,7 +29,7 @@ slow, but with no batching or padding effect that could hide a discrepancy.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +37,10 @@ import torch
 from torch import nn
 
 from vllm_negablate.neuron_set import ModelFingerprint, NeuronSet
+from vllm_negablate.ops import clamp_pre_activation_native, full_width_bounds
 
 # Attribute names of the activation module inside ``layer.mlp``, tried in order.
-# Only names whose module is called on the pre-activation alone belong here.
+# Only names whose module is called on the MLP pre-activation alone belong here.
 ACTIVATION_ATTRS: tuple[str, ...] = ("act_fn", "act")
 
 # Known-good families (for the error message; others with the same layout work too).
@@ -68,11 +73,12 @@ def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
 def find_activation_modules(model: nn.Module) -> dict[int, nn.Module]:
     """Map each global decoder-layer index to the module that applies the MLP activation.
 
-    The module's (first) input is the neuron pre-activation, which is why hooking
-    it implements the clamp exactly. Raises :class:`UnsupportedArchitecture` if a
-    layer has no dense/gated MLP with a separate activation module (e.g. MoE
-    layers, or MLPs that call a functional activation inline), and if two layers
-    share one activation module (a hook could not tell the layers apart).
+    The module's (first) input is the MLP pre-activation (``blocks.{l}.mlp.hook_pre``),
+    which is why hooking it implements the clamp exactly. Raises
+    :class:`UnsupportedArchitecture` if a layer has no dense/gated MLP with a
+    separate activation module (e.g. MoE layers, or MLPs that call a functional
+    activation inline), and if two layers share one activation module (a hook
+    could not tell the layers apart).
     """
     arch = type(model).__name__
     found: dict[int, nn.Module] = {}
@@ -105,17 +111,15 @@ def fingerprint_from_config(config: Any) -> ModelFingerprint:
     return ModelFingerprint.from_hf_config(config)
 
 
-def _make_clamp_hook(index: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-    """A forward-pre-hook that clamps ``args[0][..., index]`` into ``[lo, hi]`` (out of place)."""
+def _make_clamp_hook(lo: torch.Tensor, hi: torch.Tensor):
+    """A forward-pre-hook that clamps the MLP pre-activation ``args[0]`` into ``[lo, hi]``.
+
+    ``lo``/``hi`` are full-width rows (:func:`~vllm_negablate.ops.full_width_bounds`).
+    The clamp is out of place: the projection's output is never modified.
+    """
 
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        h = args[0]
-        idx = index.to(h.device)
-        sel = h.index_select(-1, idx)
-        clamped = torch.minimum(torch.maximum(sel, lo.to(h)), hi.to(h))
-        h = h.clone()  # never modify the gate projection's output in place
-        h[..., idx] = clamped
-        return (h, *args[1:])
+        return (clamp_pre_activation_native(args[0], lo, hi), *args[1:])
 
     return hook
 
@@ -162,13 +166,12 @@ class HFAblationOracle:
         try:
             if neuron_set is not None:
                 neuron_set.check_compatible(self._fingerprint)
+                width = self._fingerprint.intermediate_size
                 for layer in neuron_set.layers():
-                    idx, lo, hi = neuron_set.layer_bounds(layer)
-                    hook = _make_clamp_hook(
-                        torch.tensor(idx, dtype=torch.long),
-                        torch.tensor(lo, dtype=torch.float32),
-                        torch.tensor(hi, dtype=torch.float32),
+                    lo, hi = full_width_bounds(
+                        width, *neuron_set.layer_bounds(layer), device=self.device
                     )
+                    hook = _make_clamp_hook(lo, hi)
                     handles.append(self.act_modules[layer].register_forward_pre_hook(hook))
             yield self
         finally:
@@ -213,11 +216,12 @@ class HFAblationOracle:
         self, token_ids: Sequence[int], neuron_set: NeuronSet | None = None,
         layers: Sequence[int] | None = None,
     ) -> dict[int, torch.Tensor]:
-        """Pre-activations ``{layer: [T, intermediate_size]}`` (float32, CPU) for one sequence.
+        """MLP pre-activations ``{layer: [T, intermediate_size]}`` (float32, CPU) for one sequence.
 
-        These are the values the clamp acts on (gate projection output for gated
-        MLPs). With ``neuron_set``, earlier layers' ablations shape the input, but
-        each layer's values are recorded *before* its own clamp.
+        These are the values the clamp acts on (``blocks.{l}.mlp.hook_pre``: the
+        gate projection output for gated MLPs). With ``neuron_set``, earlier
+        layers' ablations shape the input, but each layer's values are recorded
+        *before* its own clamp.
         """
         ids = [int(t) for t in token_ids]
         if not ids:
@@ -243,7 +247,3 @@ class HFAblationOracle:
                 handle.remove()
         return {layer: captured[layer] for layer in wanted}
 
-
-def count_hooks(modules: Mapping[int, nn.Module]) -> int:
-    """Total forward-pre-hooks on ``modules`` (tests use it to check hooks are removed)."""
-    return sum(len(m._forward_pre_hooks) for m in modules.values())

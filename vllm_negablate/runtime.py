@@ -95,6 +95,9 @@ def _is_gated(act: nn.Module) -> bool:
 def wrap_activations(model: nn.Module) -> list[WrappedLayer]:
     """Replace each decoder layer's MLP activation with a :class:`SignAblatedActivation`.
 
+    The activation's input holds the MLP pre-activation (``blocks.{l}.mlp.hook_pre``),
+    which is what the wrapper clamps.
+
     Idempotent: already-wrapped layers are reported, not wrapped twice.
     """
     wrapped: list[WrappedLayer] = []
@@ -135,7 +138,11 @@ class ResidentSet:
 
 @dataclass
 class WorkerRuntime:
-    """Ablation state of one worker (one TP/PP rank)."""
+    """Ablation state of one worker (one TP/PP rank).
+
+    Bound to the process with :func:`vllm_negablate.context.set_runtime`, where
+    the op (:mod:`vllm_negablate.ops`) finds it on every call.
+    """
 
     fingerprint: ModelFingerprint
     layers: list[WrappedLayer]
@@ -149,7 +156,7 @@ class WorkerRuntime:
     default_name: str | None = None
     request_slots: dict[str, int] = field(default_factory=dict)
     plan: StepPlan | None = None
-    observer: Any = None  # discovery hook (pre-activation statistics), None when off
+    observer: Any = None  # discovery hook (MLP pre-activation statistics), None when off
 
     def __post_init__(self) -> None:
         device = next(iter(self.tables.layers.values())).lo.device if self.tables.layers else "cpu"
@@ -204,7 +211,13 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------- the op body
     def apply(self, h: torch.Tensor, layer: int) -> None:
-        """Clamp ``h`` ([tokens, local_width], in place) for the current step."""
+        """Clamp ``h`` in place for the current step.
+
+        ``h`` is this rank's shard of the MLP pre-activation
+        (``blocks.{layer}.mlp.hook_pre``), ``[tokens, local_width]``; either
+        kernel computes :func:`~vllm_negablate.ops.clamp_pre_activation_native`
+        with each token's slot row.
+        """
         if self.observer is not None:
             self.observer.observe(layer, h, self.plan)
         plan = self.plan

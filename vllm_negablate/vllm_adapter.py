@@ -148,8 +148,8 @@ def install_runtime(model, vllm_config) -> None:
         get_tensor_model_parallel_world_size,
     )
 
+    from vllm_negablate.context import set_runtime
     from vllm_negablate.neuron_set import ModelFingerprint, NeuronSet
-    from vllm_negablate.ops import set_runtime
     from vllm_negablate.runtime import WorkerRuntime
 
     model_config = vllm_config.model_config
@@ -216,7 +216,7 @@ def _choose_kernel(vllm_config) -> str:
 def _patch_model_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_negablate.ops import get_runtime
+    from vllm_negablate.context import get_runtime
 
     def make_update(original):
         def _update_states(self, scheduler_output):

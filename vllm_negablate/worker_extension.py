@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm_negablate.context import get_runtime
 from vllm_negablate.discovery.worker_methods import DiscoveryWorkerMixin
 from vllm_negablate.neuron_set import NeuronSet
-from vllm_negablate.ops import get_runtime
 
 
 def _reply(action) -> dict[str, Any]:

@@ -174,7 +174,8 @@ def set_names(top_percent: float, seed: int) -> dict[str, str]:
 
 def discover(cfg: DynamicsConfig, model_dir: Path, ck_dir: Path) -> Path:
     """``negablate neurons find`` into ``ck_dir/discovery`` (skipped when it exists)."""
-    from eval.reproduce import _negablate, _run
+    from eval.commands import negablate_command as _negablate
+    from eval.commands import run_logged as _run
 
     disc = ck_dir / "discovery"
     if (disc / "stats.json").exists():
@@ -348,7 +349,7 @@ def run_dynamics(cfg: DynamicsConfig) -> DynamicsResult:
     if len(set(labels)) != len(labels):
         raise ValueError(f"checkpoint labels must be unique: {labels}")
     if cfg.cpu_bind_all_cores:
-        from eval.reproduce import bind_worker_to_all_cores
+        from server.launcher import bind_worker_to_all_cores
 
         bind_worker_to_all_cores()
     cfg.out.mkdir(parents=True, exist_ok=True)

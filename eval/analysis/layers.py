@@ -115,7 +115,8 @@ def build_sets(disc: Path, base: NeuronSet, base_path: Path, sets_dir: Path, lay
     Built by ``negablate neurons control --kind layer|first-k --base BASE`` so that the
     analysis and the CLI can never disagree on what a layer set is.
     """
-    from eval.reproduce import _negablate, _run
+    from eval.commands import negablate_command as _negablate
+    from eval.commands import run_logged as _run
 
     sets_dir.mkdir(parents=True, exist_ok=True)
     names = {"layer": [f"{base.name}-layer{i}" for i in layers],
@@ -219,7 +220,7 @@ def run_layers(cfg: LayersConfig) -> LayersResult:
     """Build the sets, evaluate every condition (resuming), write JSON, CSV and PNG."""
     t0 = time.monotonic()
     if cfg.cpu_bind_all_cores and cfg.server is None:
-        from eval.reproduce import bind_worker_to_all_cores
+        from server.launcher import bind_worker_to_all_cores
 
         bind_worker_to_all_cores()
     out = cfg.out

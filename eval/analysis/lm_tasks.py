@@ -791,7 +791,7 @@ def register(app: typer.Typer) -> None:
             True, help="Encode with the tokenizer's special tokens (Gemma/Llama: BOS first), as lm_eval's "
                        "hf model does by default; local-completions' own default is off."),
         prefix_token_id: int | None = typer.Option(None, help="Token that conditions an empty context "
-                                                              "(default: BOS, else EOS)."),
+                                                              "(default: the model's recorded start token, else BOS, else EOS)."),
         num_fewshot: int | None = typer.Option(None, help="Few-shot examples (default: the task's)."),
         offline: bool | None = typer.Option(
             None, "--offline/--online", help="--offline sets HF_*_OFFLINE=1 for lm_eval; --online leaves the "
@@ -862,19 +862,18 @@ def register(app: typer.Typer) -> None:
         factory = None
         if model_dir is not None:
             def factory():
-                from vllm_negablate.testing.server import ServerProcess
+                from server.launcher import ServerProcess, bind_worker_to_all_cores, worker_slots
 
                 if cpu_bind_all_cores:
-                    from eval.reproduce import bind_worker_to_all_cores
-
                     bind_worker_to_all_cores()
                 logs = out / "logs"
-                logs.mkdir(parents=True, exist_ok=True)
-                extra = ["--admin-key", secrets.token_hex(8), "--max-sets", str(max(8, len(set_names) + 1))]
+                max_sets = max(8, len(set_names) + 1)
+                extra = ["--max-sets", str(max_sets)]
                 if sets_dir is not None:
                     extra += ["--neuron-sets", str(sets_dir)]
                 srv = ServerProcess(model_dir, *extra, log_path=logs / "server.log", served_name=base,
-                                    dtype=dtype, kv_cache_bytes=kv_cache_mb * 2**20, max_model_len=max_model_len)
+                                    dtype=dtype, kv_cache_bytes=kv_cache_mb * 2**20, max_model_len=max_model_len,
+                                    env={"NEGABLATE_MAX_SETS": str(worker_slots(max_sets))})
                 console.print(f"starting the server on {model_dir} (log: {logs / 'server.log'}) ...")
                 return srv.start(timeout=900)
         try:

@@ -1,6 +1,6 @@
 """Per-token surprisal change under ablation, grouped by Universal POS tag.
 
-The question (SCIENCE.md, "POS analysis"): when a neuron set is ablated, *which
+The question (``docs/science.md``, "POS analysis"): when a neuron set is ablated, *which
 words* become harder to predict? The paper's finding is that ablating the
 Wasserstein neurons' negative pre-activations raises surprisal mostly on function
 words (DET, ADP, AUX, PRON, CCONJ, PART), i.e. on syntax.
@@ -16,7 +16,7 @@ Pipeline (all over HTTP; no torch, no vLLM here):
 2. **Chunks.** Whole sentences of one paragraph are packed greedily into chunks of
    at most ``--chunk-tokens`` model tokens (also kept below the server's
    ``max_model_len``); a longer sentence is split between words. Each chunk is
-   scored from the start token (BOS, else EOS), so every text token gets a
+   scored from the model's start token (recorded, else BOS, else EOS), so every text token gets a
    surprisal; context never crosses chunk boundaries.
 3. **Tags.** spaCy ``en_core_web_sm`` if importable, else NLTK's tagger from the
    shared data mapped to UPOS (see :mod:`eval.analysis.tagging`); the tagger used
@@ -818,7 +818,7 @@ def pos_command(
         "--tokenizer", "-t", help="Model directory with tokenizer.json (needed for character offsets). "
                                   "Default: --model, if it is a directory.")] = None,
     start_token: Annotated[Optional[str], typer.Option(
-        "--start-token", help="Token (string or id) before each chunk. Default: BOS, else EOS.")] = None,
+        "--start-token", help="Token (string or id) before each chunk. Default: the model's recorded start token, else BOS, else EOS.")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="OPENAI_API_KEY",
                                                    help="Bearer token for the completions API.")] = None,
     text: Annotated[Optional[Path], typer.Option(

@@ -17,7 +17,7 @@ and share their resume rules:
   and content hash, so an interrupted run resumes mid-condition.
 
 Like the rest of ``eval`` it talks to models only over HTTP; the server is
-started as a subprocess (:class:`vllm_negablate.testing.server.ServerProcess`).
+started as a subprocess (:class:`server.launcher.ServerProcess`).
 """
 
 from __future__ import annotations
@@ -162,30 +162,14 @@ def _api_headers() -> dict[str, str]:
 def serve(model_dir: Path, sets_dir: Path, log: Path, *, served_name: str = "model",
           dtype: str = "float32", kv_cache_mb: int = 512, max_model_len: int | None = None,
           max_sets: int = 8, timeout: float = 900.0) -> Iterator[str]:
-    """``negablate serve MODEL --neuron-sets SETS`` on a free loopback port; yields its URL.
+    """``negablate serve MODEL --neuron-sets SETS`` (see :func:`server.launcher.serve`); yields its URL."""
+    from server.launcher import serve as launch
 
-    ``max_sets`` sets stay resident on the workers (more are swapped in on use);
-    the worker tables get ``2 * max_sets + 2`` slots (``NEGABLATE_MAX_SETS``) unless the
-    environment already asks for more.
-    """
-    from vllm_negablate.testing.server import ServerProcess
-
-    slots = 2 * max_sets + 2
-    env_slots = int(os.environ.get("NEGABLATE_MAX_SETS", "0") or 0)
-    server = ServerProcess(
-        model_dir, "--neuron-sets", str(sets_dir), "--admin-key", secrets.token_hex(8),
-        "--max-sets", str(max_sets), log_path=log, served_name=served_name, dtype=dtype,
-        kv_cache_bytes=kv_cache_mb * 2**20, max_model_len=max_model_len,
-        env={"NEGABLATE_MAX_SETS": str(max(slots, env_slots))},
-    )
-    console.print(f"starting the server for {model_dir} (log: {log}) ...")
-    t0 = time.monotonic()
-    server.start(timeout=timeout)
-    console.print(f"server up at {server.url} after {time.monotonic() - t0:.0f} s")
-    try:
+    with launch(model_dir, "--neuron-sets", str(sets_dir), log_path=log, max_sets=max_sets,
+                timeout=timeout, served_name=served_name, dtype=dtype,
+                kv_cache_bytes=kv_cache_mb * 2**20, max_model_len=max_model_len,
+                announce=console.print) as server:
         yield server.url
-    finally:
-        server.stop()
 
 
 def check_server_sets(url: str, sets: Sequence[NeuronSet], served_name: str, *,

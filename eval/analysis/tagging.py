@@ -47,7 +47,7 @@ import importlib
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -645,9 +645,3 @@ def load_tagger(kind: TaggerKind = "auto", data_dir: str | os.PathLike[str] | No
         raise ValueError(f"unknown tagger {kind!r} (use auto, spacy or nltk)")
     raise TaggerUnavailableError("no POS tagger available: " + "; ".join(reasons) + ". " + _HOW_TO)
 
-
-def iter_words(paragraphs: Iterable[Paragraph]) -> Iterable[str]:
-    """Every word's text, in order (for counting and tests)."""
-    for p in paragraphs:
-        for s in p.sentences:
-            yield from s.word_texts()

@@ -127,12 +127,13 @@ def dynamics(checkpoints, tmp_path_factory):
 @pytest.fixture(scope="module")
 def layers(checkpoints, dynamics, tmp_path_factory):
     """Layer analysis of step0 against a bare server started here (sets uploaded by the analysis)."""
-    from vllm_negablate.testing.server import ServerProcess
+    from server.launcher import ServerProcess
+    from vllm_negablate.testing.engines import TINY_SERVER
 
     a, _ = checkpoints
     out = tmp_path_factory.mktemp("layers")
     server = ServerProcess(a, "--admin-key", ADMIN_KEY, "--max-sets", "16", log_path=out / "server.log",
-                           served_name="tiny", kv_cache_bytes=64 * 2**20)
+                           **TINY_SERVER)
     server.start(timeout=600)
     try:
         cfg = LayersConfig(model=a, discovery=dynamics[0].out / "checkpoints" / "step0" / "discovery",

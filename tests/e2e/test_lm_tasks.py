@@ -89,7 +89,8 @@ def served(tmp_path_factory, piqa_dir):
 
     if importlib.util.find_spec("lm_eval") is None:
         pytest.skip("lm-eval is not installed in this environment")
-    from vllm_negablate.testing.server import ServerProcess
+    from server.launcher import ServerProcess
+    from vllm_negablate.testing.engines import TINY_SERVER
     from vllm_negablate.testing.sets import random_set
     from vllm_negablate.testing.tiny_models import build_tiny_model
 
@@ -98,7 +99,7 @@ def served(tmp_path_factory, piqa_dir):
     ns = random_set(model_dir, SET, "negative", fraction=0.25, seed=0)
     ns.save(root / "sets" / f"{SET}.json")
     server = ServerProcess(model_dir, "--neuron-sets", str(root / "sets"), "--admin-key", "k",
-                           log_path=root / "server.log").start()
+                           log_path=root / "server.log", **TINY_SERVER).start()
     yield server, model_dir, ns, root
     server.stop()
 
@@ -247,7 +248,7 @@ def test_rerun_starts_nothing(run, served, monkeypatch):
     """Finished conditions are skipped: with --model-dir no engine starts, no lm_eval runs."""
     from typer.testing import CliRunner
 
-    import vllm_negablate.testing.server as srv
+    import server.launcher as srv
     from eval.analysis import lm_tasks as lt
 
     result, out, _ = run

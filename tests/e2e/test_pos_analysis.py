@@ -56,11 +56,12 @@ def sets(model_dir):
 @pytest.fixture(scope="module")
 def server(model_dir, sets, tmp_path_factory):
     from server.client import NegablateClient
-    from vllm_negablate.testing.server import ServerProcess
+    from server.launcher import ServerProcess
+    from vllm_negablate.testing.engines import TINY_SERVER
 
     root = tmp_path_factory.mktemp("pos-server")
     srv = ServerProcess(model_dir, "--admin-key", ADMIN, "--neuron-sets", str(root / "sets"),
-                        log_path=root / "server.log").start()
+                        log_path=root / "server.log", **TINY_SERVER).start()
     try:
         with NegablateClient(srv.url, admin_key=ADMIN) as c:
             for ns in sets.values():

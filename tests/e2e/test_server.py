@@ -15,8 +15,8 @@ import pytest
 
 from server.client import SERVER_DEFAULT, NegablateAPIError, NegablateClient
 from vllm_negablate.oracle import HFAblationOracle
-from vllm_negablate.testing.engines import TOL, max_diff, random_prompts
-from vllm_negablate.testing.server import ServerProcess
+from vllm_negablate.testing.engines import TINY_SERVER, TOL, max_diff, random_prompts
+from server.launcher import ServerProcess
 from vllm_negablate.testing.sets import random_set
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def served(tiny_models, tmp_path_factory):
     sets_dir = root / "sets"
     model_dir = tiny_models["llama"]
     server = ServerProcess(model_dir, "--admin-key", ADMIN, "--neuron-sets", str(sets_dir),
-                           log_path=root / "server.log").start()
+                           log_path=root / "server.log", **TINY_SERVER).start()
     yield server, model_dir, sets_dir
     server.stop()
 

@@ -19,8 +19,8 @@ import pytest
 
 from server.client import NegablateAPIError, NegablateClient
 from vllm_negablate.oracle import HFAblationOracle
-from vllm_negablate.testing.engines import TOL, max_diff, random_prompts
-from vllm_negablate.testing.server import ServerProcess
+from vllm_negablate.testing.engines import TINY_SERVER, TOL, max_diff, random_prompts
+from server.launcher import ServerProcess
 from vllm_negablate.testing.sets import random_set
 
 pytestmark = pytest.mark.slow
@@ -43,6 +43,7 @@ def churn_server(tiny_models, tmp_path_factory):
         model_dir, "--admin-key", ADMIN, "--neuron-sets", str(sets_dir), "--max-sets", "2",
         "--set-wait-timeout", "60", log_path=root / "server.log",
         env={"NEGABLATE_MAX_SETS": "6"},  # what `negablate serve --max-sets 2` gives the workers
+        **TINY_SERVER,
     ).start()
     yield server, model_dir, sets_dir, sets
     server.stop()

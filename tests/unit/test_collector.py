@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from vllm_negablate.context import set_runtime
 from vllm_negablate.discovery.collector import (
     PreactivationObserver,
     concat_neuron_shards,
@@ -37,7 +38,6 @@ from vllm_negablate.discovery.wasserstein import (
 )
 from vllm_negablate.discovery.worker_methods import DiscoveryWorkerMixin
 from vllm_negablate.neuron_set import AblationMode, ModelFingerprint
-from vllm_negablate.ops import set_runtime
 from vllm_negablate.step_plan import StepPlan
 
 K, TP = 12, 3

@@ -16,8 +16,8 @@ import pytest
 
 from server.middleware import NegablateMiddleware
 from server.registry import SetRegistry
+from vllm_negablate.context import set_runtime
 from vllm_negablate.neuron_set import LayerAblation, NeuronSet
-from vllm_negablate.ops import set_runtime
 from vllm_negablate.runtime import WorkerRuntime
 from vllm_negablate.testing.fake_model import FakeModel, fake_fingerprint, random_weights
 from vllm_negablate.worker_extension import NegablateWorkerExtension

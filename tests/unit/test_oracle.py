@@ -20,10 +20,10 @@ from vllm_negablate.neuron_set import (
     LayerAblation,
     NeuronSet,
 )
+from vllm_negablate.ops import clamp_pre_activation_native, full_width_bounds
 from vllm_negablate.oracle import (
     HFAblationOracle,
     UnsupportedArchitecture,
-    count_hooks,
     find_activation_modules,
 )
 from vllm_negablate.testing.tiny_models import (
@@ -46,6 +46,12 @@ EXPECTED = {
     "llama": ("LlamaForCausalLM", 128),
     "gemma3": ("Gemma3ForCausalLM", 128),
 }
+
+
+# ----------------------------------------------------------------------- helpers
+def count_hooks(modules) -> int:
+    """Forward-pre-hooks left on the activation modules (the oracle must remove its own)."""
+    return sum(len(m._forward_pre_hooks) for m in modules.values())
 
 
 # ----------------------------------------------------------------------- fixtures
@@ -109,17 +115,15 @@ def max_diff(a: list[float | None], b: list[float | None]) -> float:
 
 
 def reference_by_projection_hooks(oracle, ids, neuron_set: NeuronSet) -> list[float | None]:
-    """Clamp the projection *output* (not the activation input), one scalar at a time."""
+    """Clamp the projection *output* (not the activation input) with the native reference."""
     handles = []
     layers = layers_of(oracle.model)
+    width = oracle.fingerprint().intermediate_size
     for layer in neuron_set.layers():
-        idx, lo, hi = neuron_set.layer_bounds(layer)
+        lo, hi = full_width_bounds(width, *neuron_set.layer_bounds(layer))
 
-        def hook(module, args, out, idx=idx, lo=lo, hi=hi):
-            out = out.clone()
-            for i, l, h in zip(idx, lo, hi):
-                out[..., i] = out[..., i].clamp(min=l, max=h)
-            return out
+        def hook(module, args, out, lo=lo, hi=hi):
+            return clamp_pre_activation_native(out, lo, hi)
 
         handles.append(projection(layers[layer].mlp).register_forward_hook(hook))
     try:

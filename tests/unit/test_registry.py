@@ -12,8 +12,8 @@ import json
 import pytest
 
 from server.registry import SetInUse, SetNotFound, SetRegistry, WorkerError
+from vllm_negablate.context import set_runtime
 from vllm_negablate.neuron_set import LayerAblation, NeuronSet
-from vllm_negablate.ops import set_runtime
 from vllm_negablate.runtime import WorkerRuntime
 from vllm_negablate.testing.fake_model import FakeModel, fake_fingerprint, random_weights
 from vllm_negablate.worker_extension import NegablateWorkerExtension

@@ -2,7 +2,7 @@
 
 A fake model with vLLM's MLP layout (fused gate_up projection exposing
 ``output_size_per_partition``, an ``...AndMul`` activation) lets us check the
-op against a direct clamp, simulate tensor parallelism by splitting weights
+op against the native clamp reference (``clamp_pre_activation_native``), simulate tensor parallelism by splitting weights
 across ranks, and exercise request pinning and slot recycling.
 """
 
@@ -14,11 +14,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vllm_negablate.context import set_runtime
 from vllm_negablate.neuron_set import LayerAblation, ModelFingerprint, NeuronSet, NeuronSetError
-from vllm_negablate.ops import SignAblatedActivation, set_runtime
+from vllm_negablate.ops import (
+    SignAblatedActivation,
+    ablate_dense_,
+    ablate_sparse_,
+    clamp_pre_activation_native,
+    full_width_bounds,
+)
 from vllm_negablate.runtime import NEURON_SET_HASH_KEY, NEURON_SET_KEY, WorkerRuntime
 from vllm_negablate.sharding import ShardSpec, pipeline_layer_range
 from vllm_negablate.step_plan import StepPlan
+from vllm_negablate.tables import AblationTables
 from vllm_negablate.testing.fake_model import FakeModel, SiluAndMul
 
 HIDDEN, WIDTH, LAYERS = 8, 12, 3
@@ -39,13 +47,13 @@ def _unbind():
 
 
 def reference(weights, x, neuron_set: NeuronSet | None):
-    """Direct computation: clamp the gate pre-activation column by column."""
+    """Direct computation: the gate (MLP pre-activation) through the native clamp reference."""
     out = {}
     for layer, (wg, wu) in enumerate(weights):
         gate = x @ wg.T
         if neuron_set is not None:
-            for n, lo, hi in zip(*neuron_set.layer_bounds(layer)):
-                gate[:, n] = gate[:, n].clamp(min=lo, max=hi)
+            lo, hi = full_width_bounds(WIDTH, *neuron_set.layer_bounds(layer))
+            gate = clamp_pre_activation_native(gate, lo, hi)
         out[layer] = F.silu(gate) * (x @ wu.T)
     return out
 
@@ -239,3 +247,32 @@ def test_none_selector_is_unablated_whatever_the_default(weights):
     step(rt, [("d", 1), ("n", 1)], {"d": {}, "n": {NEURON_SET_KEY: "none"}})
     assert rt.request_slots["d"] == rt.slots[SET_A.content_hash()].slot
     assert rt.request_slots["n"] == 0  # the no-ablation slot
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_and_dense_kernels_equal_the_native_reference(dtype):
+    """Both kernels, on one mixed step (none / A / B / poison), bit for bit."""
+    tables = AblationTables({layer: ShardSpec(0, 1, WIDTH) for layer in range(LAYERS)}, 2, dtype)
+    tables.write_set(1, SET_A)
+    tables.write_set(2, SET_B)
+    poison = tables.poison_slot
+    plan = StepPlan.build(["n", "a", "b", "p"], {"n": 2, "a": 3, "b": 4, "p": 1},
+                          {"n": 0, "a": 1, "b": 2, "p": poison})
+    slot_ids = torch.zeros(16, dtype=torch.long)
+    plan.fill_slot_buffer(slot_ids)
+    nan_row = torch.full((WIDTH,), math.nan)
+    bounds = {0: full_width_bounds(WIDTH, [], [], []), poison: (nan_row, nan_row)}
+    h0 = torch.randn(plan.num_tokens, WIDTH, generator=torch.Generator().manual_seed(3)).to(dtype)
+    for layer, table in tables.layers.items():
+        bounds[1] = full_width_bounds(WIDTH, *SET_A.layer_bounds(layer))
+        bounds[2] = full_width_bounds(WIDTH, *SET_B.layer_bounds(layer))
+        slots = slot_ids[: plan.num_tokens].tolist()
+        lo = torch.stack([bounds[s][0] for s in slots])
+        hi = torch.stack([bounds[s][1] for s in slots])
+        expected = clamp_pre_activation_native(h0, lo, hi)
+        sparse, dense = h0.clone(), h0.clone()
+        ablate_sparse_(sparse, table, plan.runs)
+        ablate_dense_(dense, table, slot_ids)
+        torch.testing.assert_close(sparse, expected, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(dense, expected, rtol=0, atol=0, equal_nan=True)
+        assert torch.isnan(expected[-1]).all() and not torch.isnan(expected[:-1]).any()

@@ -8,9 +8,10 @@ parallelism as the served model, with memory independent of the number of tokens
 :func:`find_neurons` (offline ``vllm.LLM`` with the plugin):
 
 1. tokenizes a corpus with the model's own tokenizer (WikiText-2 rows joined the way
-   the reference code does, see ``../shared/data/wikitext-2/README.md``),
-2. cuts it into windows of ``window_tokens`` tokens, each starting with BOS (EOS for
-   models without one),
+   the reference code does: rows joined with a space, blank rows kept empty),
+2. cuts it into windows of ``window_tokens`` tokens (:func:`corpus_windows`), each
+   starting with the model's start token (:mod:`vllm_negablate.start_token`: the
+   embedded model's marker, else BOS, else EOS; the token evaluation uses too),
 3. sends them with ``max_tokens=1`` and no ablation, with a fresh ``cache_salt`` so that
    no window is served from the prefix cache (its tokens would not be observed),
 4. collects every TP rank's statistics, puts the shards in global neuron order
@@ -41,6 +42,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from vllm_negablate.paths import sha256_file, wikitext
+from vllm_negablate.start_token import StartTokenError
+from vllm_negablate.start_token import start_token_id as rule_start_token_id
 from typing import Any
 
 import numpy as np
@@ -74,7 +77,9 @@ __all__ = [
     "read_corpus_text",
     "tokenize_corpus",
     "make_windows",
-    "start_token_id",
+    "corpus_windows",
+    "CorpusWindows",
+    "engine_model_path",
     "save_statistics",
     "load_statistics",
     "wasserstein_set",
@@ -108,13 +113,11 @@ def read_corpus_text(path: str | Path, joiner: str = " ") -> str:
     return joiner.join(rows)
 
 
-def start_token_id(tokenizer: Any) -> int:
-    """BOS, or EOS for tokenizers without BOS (as ``lm_eval`` does)."""
-    for attr in ("bos_token_id", "eos_token_id"):
-        tok = getattr(tokenizer, attr, None)
-        if tok is not None:
-            return int(tok)
-    raise DiscoveryError("the tokenizer has neither a BOS nor an EOS token")
+def _start_token_of(model: str | Path | None, tokenizer: Any) -> int:
+    try:
+        return rule_start_token_id(model or None, fallback=lambda: tokenizer)
+    except StartTokenError as exc:
+        raise DiscoveryError(str(exc)) from None
 
 
 def tokenize_corpus(tokenizer: Any, path: str | Path, joiner: str = " ") -> list[int]:
@@ -163,6 +166,41 @@ def make_windows(
         if (max_tokens is not None and total >= max_tokens) or start + body >= len(token_ids):
             break
     return windows
+
+
+@dataclass
+class CorpusWindows:
+    """Windows cut from a corpus, each starting with ``start_id``."""
+
+    start_id: int
+    windows: list[list[int]]
+
+
+def corpus_windows(
+    tokenizer: Any,
+    model: str | Path | None,
+    corpus_path: str | Path,
+    window_tokens: int,
+    *,
+    joiner: str = " ",
+    max_tokens: int | None = None,
+    stride: int | None = None,
+) -> CorpusWindows:
+    """Tokenize ``corpus_path`` with ``tokenizer`` and cut windows led by ``model``'s start token.
+
+    The start token comes from :func:`vllm_negablate.start_token.start_token_id` with the
+    model directory (its marker first), not from the tokenizer object: discovery,
+    perplexity matching and evaluation must feed the model the same first token.
+    """
+    start_id = _start_token_of(model, tokenizer)
+    ids = tokenize_corpus(tokenizer, corpus_path, joiner)
+    windows = make_windows(ids, window_tokens, start_id, max_tokens=max_tokens, stride=stride)
+    return CorpusWindows(start_id=start_id, windows=windows)
+
+
+def engine_model_path(llm: Any) -> str:
+    """The model an offline ``vllm.LLM`` serves (a directory, or a hub id)."""
+    return str(llm.llm_engine.model_config.model)
 
 
 # ------------------------------------------------------------------ statistics
@@ -382,10 +420,6 @@ class MatchResult:
     history: list[tuple[float, float]] = field(default_factory=list)
     reason: str = ""
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"fraction": self.fraction, "perplexity": self.perplexity, "target": self.target,
-                "converged": self.converged, "iterations": self.iterations,
-                "history": [list(h) for h in self.history], "reason": self.reason}
 
 
 def perplexity_matched(
@@ -679,10 +713,10 @@ def find_neurons(
             f"window_tokens={window_tokens} must be < max_model_len={max_len} "
             "(one token is generated); start the engine with a larger max_model_len"
         )
-    tokenizer = llm.get_tokenizer()
-    start_id = start_token_id(tokenizer)
-    ids = tokenize_corpus(tokenizer, corpus_path, joiner)
-    windows = make_windows(ids, window_tokens, start_id, max_tokens=max_tokens, stride=stride)
+    model_path = engine_model_path(llm)
+    cut = corpus_windows(llm.get_tokenizer(), model_path, corpus_path, window_tokens,
+                         joiner=joiner, max_tokens=max_tokens, stride=stride)
+    start_id, windows = cut.start_id, cut.windows
     if not windows:
         raise DiscoveryError(f"{corpus_path}: no tokens")
     num_tokens = sum(len(w) for w in windows)
@@ -720,7 +754,6 @@ def find_neurons(
                             if layer in r["exact"]), key=lambda rp: rp[0])
             exact[layer] = np.concatenate([p for _, p in parts], axis=1)
 
-    model_path = str(llm.llm_engine.model_config.model)
     estimator_settings = config.model_dump(exclude={"max_tokens", "layers"})
     metadata: dict[str, Any] = {
         "model": fingerprint.model_dump(),

@@ -3,7 +3,7 @@
 This module is pure numerical code (numpy, scipy.special, torch); it imports nothing
 from vLLM so that it can be tested, and used offline, on its own.
 
-Definitions (see ``SCIENCE.md``, "Wasserstein neurons"):
+Definitions (see ``docs/science.md``, "Wasserstein neurons"):
 
 * A neuron's pre-activations ``h`` over tokens are standardized, ``z = (h - mean) / std``
   with the population standard deviation (``ddof=0``, numpy's default).
@@ -625,11 +625,6 @@ class StreamingW1Estimator:
             )
         if self.hist is not None and self.hist.dtype == torch.int32 and self.count >= 2**31 - 1:
             self.hist = self.hist.to(torch.int64)
-
-    def bin_index(self, x: torch.Tensor) -> torch.Tensor:
-        """Bin of each value of ``x [T, K]``: 0 underflow, 1..nbins grid, nbins+1 overflow."""
-        dt = torch.promote_types(x.dtype, torch.float32)
-        return self._bin_of(x.to(dt), self.center.to(dt), self._inv_scale().to(dt))
 
     def _inv_scale(self) -> torch.Tensor:
         return 1.0 / (self.scale * self.core_scale)

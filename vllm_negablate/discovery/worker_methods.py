@@ -26,8 +26,8 @@ import resource
 from pathlib import Path
 from typing import Any
 
+from vllm_negablate.context import get_runtime
 from vllm_negablate.discovery.collector import ObserverConfig, PreactivationObserver, to_wire
-from vllm_negablate.ops import get_runtime
 
 _ATTR = "_negablate_observer"
 

@@ -10,6 +10,9 @@ from typing import Any
 BOS = 2  # tiny models' <bos>
 TOL = 2e-4  # fp32 vLLM vs transformers; observed differences are ~1e-5
 
+# `negablate serve` sized for the tiny test models (server.launcher.ServerProcess kwargs)
+TINY_SERVER = {"served_name": "tiny", "kv_cache_bytes": 64 * 2**20, "max_model_len": 512}
+
 
 def make_llm(model_dir: str | Path, **overrides: Any):
     """An offline engine with CPU-friendly defaults (small explicit KV cache, eager)."""
