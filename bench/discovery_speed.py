@@ -154,7 +154,9 @@ def main() -> None:
     replies = rpc(llm, "negablate_observe_collect", clear=True)
     memory["plain_large"] = {"tokens": args.tokens_large,
                              "peak_rss_mb": max(r["memory"]["peak_rss"] for r in replies) / MB}
-    llm.llm_engine.engine_core.shutdown()
+    from vllm_negablate.vllm_adapter import shutdown_llm
+
+    shutdown_llm(llm)
 
     width, layers = fp["intermediate_size"], fp["num_layers"]
     store_all_mb = (memory["large"]["tokens"] - memory["small"]["tokens"]) * width * layers * 4 / MB

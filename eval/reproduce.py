@@ -37,9 +37,11 @@ import typer
 from rich.console import Console
 
 from vllm_negablate.models import recorded_start_token
-from vllm_negablate.neuron_set import NO_ABLATION, percent_label
+from vllm_negablate import set_names
+from vllm_negablate.neuron_set import NeuronSet
 
-from eval.data import default_data_dir, load_blimp, load_tse_ml, load_wikitext_text, stratified_subsample
+from eval.analysis.sweep import Condition, EvalSettings, condition_done, condition_for, evaluate_conditions
+from eval.data import default_data_dir
 from eval.commands import negablate_command as _negablate
 from eval.commands import run_logged as _run
 from eval.reproduce_config import CONDITIONS, ReproduceConfig, condition_sets
@@ -77,7 +79,7 @@ def discover(cfg: ReproduceConfig, model_dir: Path, data_dir: Path, logs: Path) 
 
 
 def match_perplexity(cfg: ReproduceConfig, model_dir: Path, disc: Path, data_dir: Path, logs: Path) -> None:
-    name = f"perplexity-matched-top{percent_label(cfg.top_percent)}-s{cfg.seed}"
+    name = set_names.perplexity_matched(cfg.top_percent, cfg.seed)
     if (disc / "sets" / f"{name}.json").exists():
         console.print("[green]perplexity-matched control: done earlier[/green]")
         return
@@ -93,34 +95,19 @@ def match_perplexity(cfg: ReproduceConfig, model_dir: Path, disc: Path, data_dir
     ), logs / "perplexity-matched.log")
 
 
-def evaluate(cfg: ReproduceConfig, server_url: str, model_dir: Path, data_dir: Path,
-             conditions: list[tuple[str, str | None, str]]) -> None:
-    from eval.scoring import CompletionsScorer
-    from eval.tasks import evaluate_pairs, evaluate_perplexity, write_pair_run, write_ppl_run
+def eval_conditions(cfg: ReproduceConfig, disc: Path) -> list[Condition]:
+    """The run's conditions, each with its set's content hash (a changed set is re-scored)."""
+    out = []
+    for label, set_name, _ in condition_sets(cfg):
+        ns = None if set_name is None else NeuronSet.load(disc / "sets" / f"{set_name}.json")
+        out.append(condition_for(label, label, ns))
+    return out
 
-    blimp = stratified_subsample(load_blimp(data_dir), cfg.blimp_per_paradigm, cfg.seed)
-    tse = stratified_subsample(load_tse_ml(data_dir), cfg.tse_per_test, cfg.seed)
-    text = load_wikitext_text(data_dir / "wikitext-2" / "test.txt")
-    cache = cfg.out / "cache" / "scores.sqlite"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    start = recorded_start_token(model_dir)  # embedded models record their start token
-    for label, set_name, _ in conditions:
-        model = f"model@{NO_ABLATION if set_name is None else set_name}"
-        runs = cfg.out / "runs" / label
-        with CompletionsScorer(server_url, model, tokenizer=str(model_dir), cache=cache,
-                               concurrency=2, progress=True, start_token=start) as scorer:
-            for task, pairs in (("blimp", blimp), ("tse", tse)):
-                if (runs / task / "summary.json").exists():
-                    continue
-                console.print(f"[bold]{label}[/bold]: {task} ({len(pairs)} pairs)")
-                records, summary = evaluate_pairs(scorer, pairs, task, options={"condition": label})
-                write_pair_run(runs / task, records, summary)
-            if not (runs / "perplexity" / "summary.json").exists():
-                console.print(f"[bold]{label}[/bold]: perplexity ({cfg.ppl_windows} x {cfg.window} tokens)")
-                records, summary = evaluate_perplexity(
-                    scorer, text, window=cfg.window, max_windows=cfg.ppl_windows,
-                    text_path=str(data_dir / "wikitext-2" / "test.txt"), options={"condition": label})
-                write_ppl_run(runs / "perplexity", records, summary)
+
+def eval_settings(cfg: ReproduceConfig, data_dir: Path) -> EvalSettings:
+    return EvalSettings(blimp_per_paradigm=cfg.blimp_per_paradigm, tse_per_test=cfg.tse_per_test,
+                        ppl_windows=cfg.ppl_windows, window=cfg.window, seed=cfg.seed,
+                        n_boot=cfg.n_boot, data_dir=data_dir)
 
 
 def _add_elapsed(out: Path, seconds: float) -> float:
@@ -151,13 +138,16 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     missing = [s for _, s, _ in conditions if s and not (disc / "sets" / f"{s}.json").exists()]
     if missing:
         raise RuntimeError(f"discovery did not produce the sets {missing} in {disc / 'sets'}")
-    pending = [c for c in conditions if not all(
-        (cfg.out / "runs" / c[0] / t / "summary.json").exists() for t in ("blimp", "tse", "perplexity"))]
+    settings = eval_settings(cfg, data_dir)
+    runs = cfg.out / "runs"
+    pending = [c for c in eval_conditions(cfg, disc) if not condition_done(runs, c, settings)]
     if pending:
         with serve(model_dir, "--neuron-sets", str(disc / "sets"), log_path=logs / "server.log",
                    max_sets=8, served_name="model", dtype=cfg.dtype,
                    kv_cache_bytes=cfg.kv_cache_mb * 2**20, announce=console.print) as server:
-            evaluate(cfg, server.url, model_dir, data_dir, pending)
+            evaluate_conditions(server.url, pending, runs, settings, tokenizer=model_dir,
+                                cache=cfg.out / "cache" / "scores.sqlite", served_name="model",
+                                start_token=recorded_start_token(model_dir), title="reproduce")
     from eval.report import write_report
 
     path = write_report(cfg, disc, conditions, model_dir, elapsed_s=_add_elapsed(cfg.out, time.monotonic() - t0))

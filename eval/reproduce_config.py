@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from vllm_negablate.neuron_set import percent_label
+from vllm_negablate import set_names
 
 
 class ReproduceConfig(BaseModel):
@@ -43,17 +43,24 @@ class ReproduceConfig(BaseModel):
     data_dir: Path | None = None
 
 
+# (label, description); the set each condition serves comes from :func:`condition_sets`
 CONDITIONS = [
-    # (label, set-name pattern, description)
-    ("baseline", None, "no ablation"),
-    ("wasserstein-negative", "wasserstein-top{p}", "Wasserstein neurons, negative side zeroed"),
-    ("wasserstein-positive", "wasserstein-top{p}-positive", "same neurons, positive side zeroed"),
-    ("random-negative", "random-top{p}-s{seed}", "random neurons, same count per layer"),
-    ("perplexity-matched-negative", "perplexity-matched-top{p}-s{seed}", "random neurons, count matched to the Wasserstein perplexity"),
+    ("baseline", "no ablation"),
+    ("wasserstein-negative", "Wasserstein neurons, negative side zeroed"),
+    ("wasserstein-positive", "same neurons, positive side zeroed"),
+    ("random-negative", "random neurons, same count per layer"),
+    ("perplexity-matched-negative", "random neurons, count matched to the Wasserstein perplexity"),
 ]
 
 
 def condition_sets(cfg: ReproduceConfig) -> list[tuple[str, str | None, str]]:
-    p = percent_label(cfg.top_percent)
-    return [(label, None if pat is None else pat.format(p=p, seed=cfg.seed), desc)
-            for label, pat, desc in CONDITIONS]
+    """(label, set name or None for the baseline, description) of every condition."""
+    p, seed = cfg.top_percent, cfg.seed
+    names = {
+        "baseline": None,
+        "wasserstein-negative": set_names.wasserstein_top(p),
+        "wasserstein-positive": set_names.wasserstein_top(p, "positive"),
+        "random-negative": set_names.random_control(p, seed),
+        "perplexity-matched-negative": set_names.perplexity_matched(p, seed),
+    }
+    return [(label, names[label], desc) for label, desc in CONDITIONS]

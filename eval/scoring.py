@@ -68,7 +68,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -77,6 +76,16 @@ from typing import Any, Literal, Protocol
 
 import httpx
 
+from server.completions import CompletionsFormatError, parse_prompt_logprobs, prompt_logprob_body
+from server.http import (
+    AsyncRetryTransport,
+    ModelListError,
+    RetryEvent,
+    RetryPolicy,
+    RetryTransport,
+    alist_models,
+    auth_headers,
+)
 from vllm_negablate.neuron_set import NO_ABLATION, is_no_ablation
 from vllm_negablate.start_token import (
     StartTokenError,
@@ -104,7 +113,6 @@ __all__ = [
 
 CACHE_ENV = "NEGABLATE_EVAL_CACHE"
 _CACHE_SCHEMA = 1
-_RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 EchoMode = Literal["auto", "max_tokens_0", "max_tokens_1"]
 
@@ -253,19 +261,19 @@ class ServerTokenizer:
 
     The start token id is taken from ``start_token_id`` or, if that is None, from
     ``GET /tokenizer_info`` (vLLM serves it with ``--enable-tokenizer-info-endpoint``):
-    its BOS, else EOS, token, looked up with ``/tokenize``.
+    its BOS, else EOS, token, looked up with ``/tokenize``. Requests go through the
+    shared retrying transport (:mod:`server.http`; ``policy``, default its defaults).
     """
 
     def __init__(
         self, base_url: str, model: str, *, api_key: str | None = None,
         start_token_id: int | None = None, timeout: float = 60.0,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | None = None, policy: RetryPolicy | None = None,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
         self.model = model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
-                                    transport=transport)
+        self._client = httpx.Client(base_url=self.base_url, headers=auth_headers(api_key), timeout=timeout,
+                                    transport=RetryTransport(transport, policy))
         self._start = start_token_id
 
     @property
@@ -413,14 +421,17 @@ class CompletionsScorer:
     batch_size / max_batch_tokens / concurrency:
         Prompts per request, token budget per request, requests in flight.
     max_retries / backoff / max_backoff / timeout:
-        Retries on connection errors, timeouts, 429 and 5xx, with exponential
-        backoff ``backoff * 2**attempt`` (capped, with jitter); ``timeout`` per request.
+        The :class:`~server.http.RetryPolicy` of the shared retrying transport: retries
+        on connection errors, timeouts, 408, 425, 429 and 5xx, with exponential backoff
+        ``backoff * 2**attempt`` raised to ``Retry-After`` (capped, with jitter);
+        ``timeout`` per request. ``n_retries`` counts the retried completions requests.
     echo_mode:
         ``"auto"`` (``max_tokens: 0``, falling back to 1 if refused), or force one.
     progress:
         Show a tqdm progress bar (sequences scored).
     transport:
-        An ``httpx.AsyncBaseTransport`` (tests: ``httpx.MockTransport``/``ASGITransport``).
+        An ``httpx.AsyncBaseTransport`` (tests: ``httpx.MockTransport``/``ASGITransport``),
+        wrapped in the retrying transport and never closed here.
     """
 
     def __init__(
@@ -528,13 +539,19 @@ class CompletionsScorer:
                         raise TokenizerError("with the server tokenizer, give the start token as an id")
                     sid = int(self._start_token)
                 self._tokenizer = ServerTokenizer(
-                    self.base_url, self.base_model, api_key=self.api_key, start_token_id=sid
+                    self.base_url, self.base_model, api_key=self.api_key, start_token_id=sid,
+                    policy=self.retry_policy,
                 )
             elif isinstance(t, (str, os.PathLike)):
                 self._tokenizer = LocalTokenizer(t, start_token=self._start_token)
             else:
                 self._tokenizer = t
         return self._tokenizer
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The retry policy of every request this scorer makes (from its current settings)."""
+        return RetryPolicy(max_retries=self.max_retries, backoff=self.backoff, max_backoff=self.max_backoff)
 
     def describe(self) -> dict[str, Any]:
         """What a run summary records about the scoring setup."""
@@ -585,14 +602,11 @@ class CompletionsScorer:
         if self._default_probed:
             return
         self._default_probed = True
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
-            async with httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=30.0,
-                                         transport=self.transport) as client:
-                resp = await client.get("/v1/models")
-            cards = resp.json().get("data", []) if resp.status_code == 200 else []
-        except (httpx.HTTPError, ValueError, AttributeError):
-            return
+            cards = await alist_models(self.base_url, self.api_key, transport=self.transport,
+                                       timeout=30.0, policy=self.retry_policy)
+        except (ModelListError, ValueError):
+            return  # no list, no known default: the completions requests will say what is wrong
         for card in cards:
             if isinstance(card, dict) and card.get("id") == self.base_model:
                 default = card.get("negablate_default")
@@ -649,16 +663,19 @@ class CompletionsScorer:
 
         self._echo_lock = asyncio.Lock()
         batches = list(_chunks(items, self.batch_size, self.max_batch_tokens))
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         limits = httpx.Limits(max_connections=self.concurrency,
                               max_keepalive_connections=self.concurrency)
+        # a caller's transport is kept open for the next call; ours lives for this one
+        inner = self.transport if self.transport is not None else httpx.AsyncHTTPTransport(limits=limits)
+        transport = AsyncRetryTransport(inner, self.retry_policy, on_retry=self._count_retry,
+                                        close_inner=self.transport is None)
         sem = asyncio.Semaphore(self.concurrency)
         bar = tqdm(total=len(items), desc=desc or "scoring", unit="seq",
                    disable=not self.progress, leave=False)
         try:
             async with httpx.AsyncClient(
-                base_url=self.base_url, headers=headers, timeout=self.timeout,
-                limits=limits, transport=self.transport,
+                base_url=self.base_url, headers=auth_headers(self.api_key), timeout=self.timeout,
+                transport=transport,
             ) as client:
 
                 async def run(batch: list[tuple[str, list[int]]]) -> None:
@@ -690,15 +707,18 @@ class CompletionsScorer:
         finally:
             bar.close()
 
+    def _count_retry(self, event: RetryEvent) -> None:
+        """``on_retry`` hook of the transport: each retry is one more request sent."""
+        self.n_retries += 1
+        self.n_requests += 1
+
     def _body(self, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-        body: dict[str, Any] = dict(self.extra_body)
-        body.update(model=self.model, prompt=prompts, echo=True, logprobs=1,
-                    max_tokens=max_tokens, temperature=0)
-        return body
+        return prompt_logprob_body(self.model, prompts, max_tokens, self.extra_body)
 
     async def _request(self, client: httpx.AsyncClient, prompts: list[list[int]]) -> list[list[float | None]]:
+        """One batch; transient failures are retried by the client's transport, so what
+        arrives here is final, except the echo-mode fallback (max_tokens 0 refused)."""
         url = "/v1/completions"
-        attempt = 0
         while True:
             mode = self.echo_mode
             max_tokens = 1 if mode == "max_tokens_1" else 0
@@ -706,14 +726,11 @@ class CompletionsScorer:
                 self.n_requests += 1
                 resp = await client.post(url, json=self._body(prompts, max_tokens))
             except (httpx.TimeoutException, httpx.TransportError) as e:
-                if attempt >= self.max_retries:
-                    raise ScoringError(
-                        f"{self.base_url}{url}: {type(e).__name__}: {e} (gave up after "
-                        f"{attempt + 1} attempts)"
-                    ) from e
-                await self._sleep(attempt)
-                attempt += 1
-                continue
+                # every transport error is retried until the policy gives up
+                raise ScoringError(
+                    f"{self.base_url}{url}: {type(e).__name__}: {e} (gave up after "
+                    f"{self.max_retries + 1} attempts)"
+                ) from e
             if resp.status_code == 200:
                 try:
                     data = resp.json()
@@ -728,10 +745,6 @@ class CompletionsScorer:
                     and "max_tokens" in msg):
                 self.echo_mode = "max_tokens_1"
                 continue
-            if resp.status_code in _RETRY_STATUS and attempt < self.max_retries:
-                await self._sleep(attempt, resp.headers.get("retry-after"))
-                attempt += 1
-                continue
             hint = ""
             if resp.status_code == 404 and self.neuron_set is not None:
                 hint = (" (is the neuron set loaded on the server? plain vLLM knows no "
@@ -740,49 +753,13 @@ class CompletionsScorer:
                 hint = " (a prompt is too long for the server's max_model_len; use shorter windows)"
             raise ServerError(resp.status_code, msg + hint, f"{self.base_url}{url}")
 
-    async def _sleep(self, attempt: int, retry_after: str | None = None) -> None:
-        self.n_retries += 1
-        delay = min(self.max_backoff, self.backoff * (2 ** attempt))
-        if retry_after:
-            try:
-                delay = min(self.max_backoff, max(delay, float(retry_after)))
-            except ValueError:
-                pass
-        await asyncio.sleep(delay * (0.5 + random.random() / 2))
-
     def _parse(self, data: Any, prompts: list[list[int]], max_tokens: int) -> list[list[float | None]]:
-        where = f"{self.base_url}/v1/completions"
-        choices = data.get("choices") if isinstance(data, dict) else None
-        if not isinstance(choices, list) or len(choices) != len(prompts):
-            n = len(choices) if isinstance(choices, list) else None
-            raise ScoringError(f"{where}: expected {len(prompts)} choices, got {n}")
+        """The shared parser (:func:`server.completions.parse_prompt_logprobs`), its
+        errors as :class:`ScoringError` naming the endpoint."""
         try:
-            ordered = sorted(choices, key=lambda c: int(c["index"]))
-        except (KeyError, TypeError, ValueError):
-            ordered = choices
-        out: list[list[float | None]] = []
-        for i, (ch, ids) in enumerate(zip(ordered, prompts, strict=True)):
-            lp = ((ch or {}).get("logprobs") or {}).get("token_logprobs")
-            if not isinstance(lp, list):
-                raise ScoringError(
-                    f"{where}: choice {i} has no logprobs.token_logprobs (does the server support "
-                    "echo with logprobs?)"
-                )
-            n = len(ids)
-            if len(lp) == n + 1:
-                lp = lp[:n]  # drop the generated token (max_tokens 1, or a server that ignores 0)
-            if len(lp) != n:
-                raise ScoringError(
-                    f"{where}: choice {i}: {len(lp)} token logprobs for a prompt of {n} tokens "
-                    "(prompt truncated by the server?)"
-                )
-            vals: list[float | None] = [None]
-            for j, v in enumerate(lp[1:], start=1):
-                if v is None:
-                    raise ScoringError(f"{where}: choice {i}: logprob of prompt token {j} is null")
-                vals.append(float(v))
-            out.append(vals)
-        return out
+            return [p.logprobs for p in parse_prompt_logprobs(data, prompts, max_tokens)]
+        except CompletionsFormatError as e:
+            raise ScoringError(f"{self.base_url}/v1/completions: {e}") from e
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:

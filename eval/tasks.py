@@ -283,17 +283,15 @@ def make_windows(tokens: Sequence[int], window: int, start_token_id: int,
 
 
 def server_max_model_len(scorer: CompletionsScorer) -> int | None:
-    """``max_model_len`` of the served base model from ``GET /v1/models``, if reported."""
-    import httpx
+    """``max_model_len`` of the served base model from ``GET /v1/models``, if reported
+    (``None`` too when the list cannot be had: the caller then checks nothing)."""
+    from server.http import ModelListError, list_models
 
-    headers = {"Authorization": f"Bearer {scorer.api_key}"} if scorer.api_key else {}
     try:
-        r = httpx.get(f"{scorer.base_url}/v1/models", headers=headers, timeout=30.0)
-        r.raise_for_status()
-        for card in r.json().get("data", []):
+        for card in list_models(scorer.base_url, scorer.api_key, timeout=30.0, policy=scorer.retry_policy):
             if card.get("id") in (scorer.base_model, scorer.model) and card.get("max_model_len"):
                 return int(card["max_model_len"])
-    except (httpx.HTTPError, ValueError, TypeError, AttributeError):
+    except (ModelListError, ValueError, TypeError):
         return None
     return None
 

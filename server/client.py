@@ -9,26 +9,37 @@
 
 ``neuron_set=None`` always means *no ablation* (sent as ``BASE@none``), even
 while the server has a default set; pass :data:`SERVER_DEFAULT` to get whatever
-the default is. Answers 429 and 503 (a set waiting for a resident slot) are
-retried with backoff, honouring ``Retry-After``. Other errors from the server
-are raised as :class:`NegablateAPIError` carrying the HTTP status and the
-OpenAI-style error message.
+the default is. Transient failures (connection errors, timeouts, 429, a 503
+while a set waits for a resident slot, other 5xx; see :mod:`server.http`) are
+retried with backoff, honouring ``Retry-After``, by the same transport the eval
+harness uses; ``n_retries`` counts them. Other errors from the server are raised
+as :class:`NegablateAPIError` carrying the HTTP status and the OpenAI-style error
+message. :meth:`NegablateClient.score` sends the same request and reads the answer
+with the same code as :class:`eval.scoring.CompletionsScorer`
+(:mod:`server.completions`).
 """
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Sequence
 from typing import Any, Final
 
 import httpx
 from pydantic import BaseModel
 
+from server.completions import parse_prompt_logprobs, prompt_logprob_body
+from server.http import RETRY_STATUS, RetryPolicy, RetryTransport, auth_headers, parse_model_list
 from server.schemas import AblationState, NeuronSetList, NeuronSetSummary
 from vllm_negablate.neuron_set import NO_ABLATION, NeuronSet
 
-RETRY_STATUS = frozenset({429, 503})
+__all__ = [
+    "RETRY_STATUS",
+    "SERVER_DEFAULT",
+    "ABResult",
+    "NegablateAPIError",
+    "NegablateClient",
+    "ScoredPrompt",
+]
 
 
 class _ServerDefault:
@@ -49,7 +60,10 @@ class NegablateAPIError(RuntimeError):
 
 
 class ScoredPrompt(BaseModel):
-    """Per-token log-probabilities of one prompt (first token: None)."""
+    """Per-token log-probabilities of one prompt (first token: None).
+
+    ``tokens``: the server's token strings (empty if it sent none); ``token_ids``:
+    the prompt as sent, for token-id prompts."""
 
     token_ids: list[int] | None = None
     tokens: list[str]
@@ -70,6 +84,12 @@ class ABResult(BaseModel):
 
 
 class NegablateClient:
+    """The control API and prompt scoring of ``negablate serve``, over one retrying transport.
+
+    ``max_retries`` / ``backoff`` / ``max_backoff``: the :class:`~server.http.RetryPolicy`;
+    ``transport``: an inner ``httpx.BaseTransport`` to wrap (tests: ``httpx.MockTransport``).
+    """
+
     def __init__(
         self,
         base_url: str,
@@ -83,14 +103,34 @@ class NegablateClient:
         max_backoff: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
+        self._transport = RetryTransport(
+            transport, RetryPolicy(max_retries=max_retries, backoff=backoff, max_backoff=max_backoff)
+        )
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=self._transport)
         self.admin_key = admin_key
         self.api_key = api_key
         self._model = model
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.n_retries = 0
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return self._transport.policy
+
+    @property
+    def max_retries(self) -> int:
+        return self.policy.max_retries
+
+    @property
+    def backoff(self) -> float:
+        return self.policy.backoff
+
+    @property
+    def max_backoff(self) -> float:
+        return self.policy.max_backoff
+
+    @property
+    def n_retries(self) -> int:
+        """Requests sent again after a transient failure, over this client's life."""
+        return self._transport.n_retries
 
     def __enter__(self) -> NegablateClient:
         return self
@@ -103,14 +143,8 @@ class NegablateClient:
 
     # ------------------------------------------------------------- plumbing
     def _request(self, method: str, path: str, *, admin: bool = False, **kwargs: Any) -> Any:
-        key = self.admin_key if admin else self.api_key
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        for attempt in range(self.max_retries + 1):
-            response = self._http.request(method, path, headers=headers, **kwargs)
-            if response.status_code not in RETRY_STATUS or attempt == self.max_retries:
-                break
-            self.n_retries += 1
-            time.sleep(self._delay(attempt, response.headers.get("retry-after")))
+        headers = auth_headers(self.admin_key if admin else self.api_key)
+        response = self._http.request(method, path, headers=headers, **kwargs)  # retried below httpx
         if response.status_code >= 400:
             try:
                 body = response.json()
@@ -120,21 +154,12 @@ class NegablateClient:
             raise NegablateAPIError(response.status_code, message, body)
         return response.json()
 
-    def _delay(self, attempt: int, retry_after: str | None) -> float:
-        delay = min(self.max_backoff, self.backoff * 2**attempt)
-        if retry_after:
-            try:
-                delay = min(self.max_backoff, max(delay, float(retry_after)))
-            except ValueError:
-                pass
-        return delay * (0.75 + random.random() / 4)
-
     @property
     def model(self) -> str:
         """The served base model (first of /v1/models without '@')."""
         if self._model is None:
-            ids = [m["id"] for m in self._request("GET", "/v1/models")["data"]]
-            self._model = next(i for i in ids if "@" not in i)
+            cards = parse_model_list(self._request("GET", "/v1/models"), f"{self._http.base_url}v1/models")
+            self._model = next(c["id"] for c in cards if "@" not in c["id"])
         return self._model
 
     # --------------------------------------------------------------- control
@@ -169,35 +194,33 @@ class NegablateClient:
         *,
         use_xargs: bool = False,
     ) -> list[ScoredPrompt]:
-        """Prompt log-probabilities via ``/v1/completions`` (echo, logprobs, max_tokens 0).
+        """Prompt log-probabilities via ``/v1/completions`` (echo, logprobs 1, max_tokens 0).
 
         ``neuron_set``: a set name; ``None`` for no ablation (``BASE@none``, whatever
         the server's default); :data:`SERVER_DEFAULT` for the server's default set.
         Token-id prompts are scored as given (prepend BOS yourself); with
         ``use_xargs`` the set travels in ``vllm_xargs`` instead of ``BASE@SET``.
+        The body and its reading are :mod:`server.completions`', as in the eval scorer;
+        an answer of the wrong shape raises
+        :class:`~server.completions.CompletionsFormatError`.
         """
         model = self.model
-        as_ids = bool(prompts) and not isinstance(prompts[0], str)
-        body: dict[str, Any] = {
-            "prompt": [list(p) for p in prompts] if as_ids else list(prompts),
-            "echo": True, "logprobs": 0, "max_tokens": 0, "temperature": 0.0,
-        }
+        extra: dict[str, Any] = {}
         selector = None if neuron_set is SERVER_DEFAULT else (neuron_set or NO_ABLATION)
         if selector is not None and use_xargs:
-            body["vllm_xargs"] = {"neuron_set": selector}
+            extra["vllm_xargs"] = {"neuron_set": selector}
         elif selector is not None:
             model = f"{model}@{selector}"
-        body["model"] = model
+        body = prompt_logprob_body(model, prompts, 0, extra)
         data = self._request("POST", "/v1/completions", json=body)
-        choices = sorted(data["choices"], key=lambda c: c["index"])
-        out = []
-        for prompt, choice in zip(prompts, choices, strict=True):
-            lp = choice["logprobs"]
-            out.append(ScoredPrompt(
-                token_ids=None if isinstance(prompt, str) else list(prompt),
-                tokens=lp["tokens"], logprobs=lp["token_logprobs"],
-            ))
-        return out
+        return [
+            ScoredPrompt(
+                token_ids=None if isinstance(prompt, str) else [int(t) for t in prompt],
+                tokens=scored.tokens if scored.tokens is not None else [],
+                logprobs=scored.logprobs,
+            )
+            for prompt, scored in zip(prompts, parse_prompt_logprobs(data, prompts, 0), strict=True)
+        ]
 
     def ab(
         self,

@@ -32,6 +32,7 @@ from server.registry import SetNotFound
 from server.residency import SetGone, SlotWaitTimeout
 from server.routes import AUTH_SCOPE_KEY
 from server.schemas import ErrorResponse
+from vllm_negablate import vllm_adapter
 from vllm_negablate.neuron_set import NO_ABLATION, NeuronSetError, is_no_ablation
 
 CONTROL_PREFIXES = ("/v1/neuron-sets", "/v1/ablation")
@@ -183,8 +184,7 @@ class NegablateMiddleware:
         name = xargs.get(SET_KEY) if xargs else None
         if isinstance(model, str) and "@" in model:
             base, _, at_name = model.partition("@")
-            models = state.openai_serving_models
-            if not models.is_base_model(base):
+            if not vllm_adapter.serves_model(state, base):
                 return None, data  # vLLM's own "model does not exist" 404
             if name is not None and name != at_name:
                 return _error(400, f"model names set {at_name!r} but vllm_xargs.neuron_set is {name!r}",

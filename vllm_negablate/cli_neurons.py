@@ -56,8 +56,10 @@ def _make_llm(model: str, *, tp: int, dtype: str, kv_cache_mb: int, max_model_le
 
 
 def _shutdown(llm) -> None:
+    from vllm_negablate.vllm_adapter import shutdown_llm
+
     try:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_llm(llm)
     except Exception:  # already gone
         pass
 

@@ -8,7 +8,7 @@ scheduler looks for cached blocks.
 
 :class:`EngineCoreMirror` keeps a copy of the worker state (names, content
 hashes, default), refreshed from the return value of every ``negablate_*``
-RPC. :func:`pin_request` then, for each new request:
+RPC. :func:`pin_set` then, for each new request:
 
 1. resolves its set (``extra_args["neuron_set"]``, else the current default);
    ``"none"`` (:data:`~vllm_negablate.neuron_set.NO_ABLATION`) means no
@@ -16,10 +16,17 @@ RPC. :func:`pin_request` then, for each new request:
    pinned as ``"none"`` so a default set later cannot reach it;
 2. writes the set's content hash into ``extra_args["neuron_set_hash"]`` so the
    worker uses exactly that content, whatever happens to the name later;
-3. sets ``cache_salt = "negablate:<hash>[:<user salt>]"`` and recomputes the
+3. sets ``cache_salt = "negablate:<hash>[:<user salt>]"``; the caller,
+   :func:`vllm_negablate.vllm_adapter.pin_request`, then recomputes the
    request's block hashes, so KV blocks computed under one set are never
    reused for another (vLLM hashes ``cache_salt`` into the first block, and
    every later block hash chains on it).
+
+Only the request's ``sampling_params`` and ``cache_salt`` are touched here:
+they hold the documented request inputs of the same names (the user's
+``SamplingParams``, whose ``extra_args`` is public, and the prompt's
+``cache_salt``). The engine's ``Request`` internals (block hashes) belong to
+:mod:`vllm_negablate.vllm_adapter`, the one module that uses private vLLM names.
 
 Requests without a set (and no default) keep vLLM's own cache key and they share blocks with each other, as they should.
 """
@@ -60,10 +67,13 @@ class UnknownNeuronSetError(ValueError):
     pass
 
 
-def pin_request(request: Any, mirror: EngineCoreMirror) -> str | None:
-    """Pin ``request`` (a ``vllm.v1.request.Request``) to a set; return the set name.
+def pin_set(request: Any, mirror: EngineCoreMirror) -> str | None:
+    """Pin ``request`` to a set and salt its cache key; return the set name.
 
-    Raises :class:`UnknownNeuronSetError` if it names a set that is not loaded.
+    ``request`` is a ``vllm.v1.request.Request``; only its ``sampling_params``
+    and ``cache_salt`` are read and replaced. The block hashes are left to the
+    caller (:func:`vllm_negablate.vllm_adapter.pin_request`). Raises
+    :class:`UnknownNeuronSetError` if it names a set that is not loaded.
     """
     params = getattr(request, "sampling_params", None)
     if params is None:  # pooling requests: nothing to pin
@@ -99,14 +109,4 @@ def pin_request(request: Any, mirror: EngineCoreMirror) -> str | None:
     if user_salt and user_salt.startswith(SALT_PREFIX):
         user_salt = None  # already salted by a front end that knew the hash
     request.cache_salt = salt_for(content_hash, user_salt)
-    _rehash_blocks(request)
     return name
-
-
-def _rehash_blocks(request: Any) -> None:
-    """Recompute block hashes after changing the salt (they were made in __init__)."""
-    hashes = getattr(request, "block_hashes", None)
-    if hashes is None or getattr(request, "_block_hasher", None) is None:
-        return
-    del hashes[:]
-    request.update_block_hashes()

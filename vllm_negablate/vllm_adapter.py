@@ -1,9 +1,130 @@
 """Every touch of vLLM internals, in one place (tested against vllm 0.32).
 
+No other module of ``vllm_negablate``, ``server``, ``eval`` or ``bench`` may
+use a private vLLM name; ``tests/unit/test_vllm_internals.py`` enforces it
+with the lists below, and checks them against this module's code.
+
+What "private vLLM name" means here
+-----------------------------------
+vLLM's *public* Python surface, for this project, is:
+
+* the top-level names under "Public vLLM imports" below, a subset of
+  ``vllm.__all__`` (the test checks that), imported as ``from vllm import X``
+  or read as ``vllm.X`` after ``import vllm``;
+* the documented methods and fields of those objects and of what they return:
+  ``LLM.generate``, ``LLM.get_tokenizer``, ``LLM.collective_rpc`` (the
+  documented way to call a ``worker_extension_cls``), ``RequestOutput`` /
+  ``CompletionOutput`` fields, ``SamplingParams`` fields (``extra_args``
+  included);
+* documented request inputs under their documented names (``cache_salt``,
+  ``vllm_xargs``, which becomes ``SamplingParams.extra_args``) and the plugin
+  hooks (the ``vllm.general_plugins`` entry point, the
+  ``worker_extension_cls`` and ``--middleware`` options);
+* the JSON fields of the OpenAI-compatible HTTP API (``ModelList.data``,
+  ``ModelCard.id``, ...): they are vLLM's documented wire format.
+
+Everything else is private:
+
+(a) importing any vLLM module but the top-level package (``from vllm.x import
+    y``, ``import vllm.x``), or a top-level name not in the public list;
+(b) reading, writing or patching any other attribute of an object vLLM hands
+    out (``llm.llm_engine``, ``.engine_core``, ``GPUModelRunner._update_states``,
+    ``app.state.openai_serving_models``, ``Request.block_hashes``, ...).
+
+The test finds (a) exactly. For (b) it scans for the *distinctive* names
+below; the *shared* names cannot be told from public or non-vLLM attributes
+of the same name, but each is reached only through a distinctive name, a
+private import, or an object vLLM passes to one of the patches here.
+
+One accepted use lives outside: :mod:`vllm_negablate.engine_hooks` reads and
+writes ``request.sampling_params`` and ``request.cache_salt`` on the engine
+``Request`` that :func:`pin_request` hands it. Those two fields carry the
+documented request inputs of the same names unchanged (the user's
+``SamplingParams`` and ``cache_salt``); everything else about the ``Request``
+(its block hashes) is done here.
+
+Public vLLM imports (allowed anywhere)::
+
+    LLM
+    SamplingParams
+    __version__
+
+Private vLLM modules imported here (module: names used)::
+
+    vllm.distributed: get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+    vllm.engine.arg_utils: EngineArgs
+    vllm.entrypoints.launchers.api_server.app_state: init_app_state
+    vllm.entrypoints.launchers.api_server.entry: build_async_engine_client
+    vllm.entrypoints.launchers.app: build_app
+    vllm.entrypoints.launchers.cli_args: make_arg_parser, validate_parsed_serve_args
+    vllm.entrypoints.launchers.launcher: serve_http, setup_server
+    vllm.entrypoints.launchers.utils.server_utils: get_uvicorn_log_config
+    vllm.entrypoints.serve.engine.protocol: ModelCard, ModelPermission
+    vllm.entrypoints.serve.utils.api_utils: cli_env_setup
+    vllm.envs: VLLM_API_KEY, VLLM_HTTP_TIMEOUT_KEEP_ALIVE
+    vllm.logger: configure_logging_from_args
+    vllm.model_executor.model_loader.base_loader: BaseModelLoader
+    vllm.platforms: current_platform
+    vllm.utils.argparse_utils: FlexibleArgumentParser
+    vllm.v1.engine.core: EngineCore
+    vllm.v1.worker.gpu_model_runner: GPUModelRunner
+
+Private vLLM attributes, distinctive names (any use elsewhere fails the test)::
+
+    LLM.llm_engine                         the offline engine behind vllm.LLM
+    LLMEngine.engine_core                  its engine-core client (shutdown)
+    EngineArgs.create_engine_config        patched: default worker_extension_cls
+    EngineArgs.worker_extension_cls
+    EngineCore.add_request                 patched: pin the set, salt the cache key
+    GPUModelRunner._update_states          patched: pin new requests, build the step plan
+    GPUModelRunner.execute_model           patched: clear the plan after the forward
+    GPUModelRunner.input_batch
+    InputBatch.req_ids
+    SchedulerOutput.num_scheduled_tokens
+    SchedulerOutput.finished_req_ids
+    ModelConfig.hf_config
+    ModelConfig.hf_text_config
+    VllmConfig.scheduler_config
+    SchedulerConfig.max_num_batched_tokens
+    VllmConfig.compilation_config
+    CompilationConfig.cudagraph_mode
+    Request.block_hashes                   recomputed after the salt changes
+    Request._block_hasher
+    Request.update_block_hashes
+    EngineClient.get_supported_tasks
+    State.openai_serving_models            vLLM's model list, on the FastAPI app.state
+    OpenAIServingModels.show_available_models
+    OpenAIServingModels.is_base_model
+    OpenAIServingModels.base_model_paths
+
+Private vLLM attributes, shared names (``LLM.collective_rpc`` is public,
+pydantic models have a ``model_config``, ...: not scanned for)::
+
+    BaseModelLoader.load_model             patched: wrap the activations, create the runtime
+    EngineCore.collective_rpc              patched: mirror the worker state
+    EngineClient.collective_rpc
+    EngineCoreClient.shutdown
+    EngineClient.model_config
+    LLMEngine.model_config
+    VllmConfig.model_config
+    OpenAIServingModels.model_config
+    ModelConfig.model
+    ModelConfig.dtype
+    ModelConfig.max_model_len
+    ModelConfig.enforce_eager
+    GPUModelRunner.requests
+    CachedRequestState.sampling_params
+    Request.request_id
+    BaseModelPath.name
+    BaseModelPath.model_path
+
+The patches
+-----------
 vLLM has no public hook for "after the model is loaded", "the token layout of
-this step" or "a request was admitted", so the plugin patches four methods.
-Each patch calls the original and adds one step; if a future vLLM renames a
-method, :func:`install` fails loudly at start-up with the name that moved.
+this step" or "a request was admitted", so the plugin patches the methods
+marked "patched" above. Each patch calls the original and adds one step; if a
+future vLLM renames a method, :func:`install` fails loudly at start-up with the
+name that moved.
 
 * ``BaseModelLoader.load_model`` (worker): wrap the MLP activations of the
   loaded model and create the process's :class:`WorkerRuntime`.
@@ -15,6 +136,11 @@ method, :func:`install` fails loudly at start-up with the name that moved.
   pin each request's set and salt its prefix-cache key (see engine_hooks).
 * ``EngineArgs.create_engine_config`` (front end): default
   ``worker_extension_cls`` to ours so plain ``vllm serve`` gets the RPCs.
+
+After the patches come the small functions the rest of the project calls
+instead of reaching into vLLM: the offline engine (:func:`engine_model_path`,
+:func:`shutdown_llm`, ...) and the OpenAI server (:func:`serve_openai_app`,
+:func:`extend_model_list`, :func:`serves_model`, ...).
 """
 
 from __future__ import annotations
@@ -22,10 +148,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from vllm_negablate.engine_hooks import EngineCoreMirror, UnknownNeuronSetError, pin_request
+from vllm_negablate.engine_hooks import EngineCoreMirror, UnknownNeuronSetError, pin_set
 
 logger = logging.getLogger("vllm_negablate")
 
@@ -112,6 +240,31 @@ def patch_engine_core() -> None:
 
     _patch(EngineCore, "collective_rpc", make_rpc)
     _patch(EngineCore, "add_request", make_add)
+
+
+def pin_request(request: Any, mirror: EngineCoreMirror) -> str | None:
+    """Pin a ``vllm.v1.request.Request`` to its set and re-key its prefix-cache blocks.
+
+    :func:`~vllm_negablate.engine_hooks.pin_set` does the pinning (set name,
+    content hash, ``cache_salt``); if the salt changed, the block hashes vLLM
+    computed in ``Request.__init__`` are recomputed so they chain on the new
+    salt. Returns the set name (None: no ablation); raises
+    :class:`~vllm_negablate.engine_hooks.UnknownNeuronSetError`.
+    """
+    salt = request.cache_salt
+    name = pin_set(request, mirror)
+    if request.cache_salt != salt:
+        _rehash_blocks(request)
+    return name
+
+
+def _rehash_blocks(request: Any) -> None:
+    """Recompute block hashes after changing the salt (they were made in __init__)."""
+    hashes = getattr(request, "block_hashes", None)
+    if hashes is None or getattr(request, "_block_hasher", None) is None:
+        return
+    del hashes[:]
+    request.update_block_hashes()
 
 
 def _refresh_mirror(engine_core: Any) -> None:
@@ -203,9 +356,7 @@ def _choose_kernel(vllm_config) -> str:
     forced = os.environ.get("NEGABLATE_KERNEL")
     if forced:
         return forced
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu() or vllm_config.model_config.enforce_eager:
+    if is_cpu_platform() or vllm_config.model_config.enforce_eager:
         return "sparse"
     mode = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
     if mode is not None and str(getattr(mode, "name", mode)) != "NONE":
@@ -258,3 +409,169 @@ def install() -> None:
     patch_engine_args()
     patch_engine_core()
     patch_model_loader()
+
+
+# ------------------------------------------------------------ offline engine
+def engine_model_path(llm: Any) -> str:
+    """The model an offline ``vllm.LLM`` serves (a directory, or a hub id)."""
+    return str(llm.llm_engine.model_config.model)
+
+
+def engine_max_model_len(llm: Any) -> int:
+    """The context length an offline ``vllm.LLM`` was started with."""
+    return int(llm.llm_engine.model_config.max_model_len)
+
+
+def engine_dtype(llm: Any) -> str:
+    """The dtype an offline ``vllm.LLM`` computes in, e.g. ``"torch.float32"``."""
+    return str(llm.llm_engine.model_config.dtype)
+
+
+def shutdown_llm(llm: Any) -> None:
+    """Stop an offline ``vllm.LLM``'s engine core (and its workers) now.
+
+    ``vllm.LLM`` has no public shutdown; without this the engine-core process
+    lives until the object is garbage collected. Safe to call twice.
+    """
+    llm.llm_engine.engine_core.shutdown()
+
+
+def is_cpu_platform() -> bool:
+    """True when vLLM runs on its CPU backend."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+# ------------------------------------------------------------- OpenAI server
+def openai_server_env_setup() -> None:
+    """What ``vllm serve`` does to the process environment before parsing arguments."""
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    cli_env_setup()
+
+
+def openai_server_parser(prog: str, description: str):
+    """vLLM's ``vllm serve`` argument parser (every engine and server flag), to add ours to."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog=prog, description=description))
+
+
+def validate_openai_server_args(args) -> None:
+    """vLLM's own checks of parsed ``vllm serve`` arguments."""
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+
+    validate_parsed_serve_args(args)
+
+
+def configure_logging(args) -> None:
+    """Configure vLLM's logging from the parsed server arguments."""
+    from vllm.logger import configure_logging_from_args
+
+    configure_logging_from_args(args)
+
+
+def openai_api_keys(args) -> list[str]:
+    """The API keys the OpenAI server accepts (``--api-key``, else ``VLLM_API_KEY``)."""
+    import vllm.envs as envs
+
+    return [k for k in (args.api_key or [envs.VLLM_API_KEY]) if k]
+
+
+RPC = Callable[..., Awaitable[list[Any]]]
+
+
+async def serve_openai_app(args, customize: Callable[[Any, RPC], Awaitable[None]]) -> None:
+    """Start vLLM's OpenAI-compatible server in this process, as ``vllm serve`` does.
+
+    Mirrors vLLM 0.32's ``run_server`` / ``build_and_serve``
+    (``vllm/entrypoints/launchers/api_server/entry.py``) with one addition:
+    once the engine is up and vLLM's app (including ``args.middleware``) is
+    built and its state initialized, ``await customize(app, rpc)`` runs before
+    the socket is served. ``app`` is the FastAPI app (add routers, put things
+    on ``app.state``); ``await rpc(method, *args)`` calls a worker-extension
+    method on every worker and returns their replies.
+    """
+    import vllm.envs as envs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+
+    def interrupt(*_):  # as vLLM's run_server: SIGTERM during start-up
+        raise KeyboardInterrupt("terminated")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    _listen_address, sock = setup_server(args, reuse_port=False)
+    try:
+        async with build_async_engine_client(args) as engine:
+            tasks = await engine.get_supported_tasks()
+            app = build_app(args, tasks, engine.model_config)
+
+            async def rpc(method: str, *rpc_args):
+                return await engine.collective_rpc(method, args=rpc_args)
+
+            await init_app_state(engine, app.state, args, tasks)
+            await customize(app, rpc)
+            log_config = get_uvicorn_log_config(args)
+            shutdown = await serve_http(
+                app, sock=sock, enable_ssl_refresh=args.enable_ssl_refresh, host=args.host,
+                port=args.port, log_level=args.uvicorn_log_level,
+                access_log=not args.disable_uvicorn_access_log,
+                timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
+                ssl_ciphers=args.ssl_ciphers,
+                h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+                h11_max_header_count=args.h11_max_header_count,
+                **({"log_config": log_config} if log_config else {}),
+            )
+        await shutdown
+    finally:
+        sock.close()
+
+
+def serves_model(app_state: Any, name: str) -> bool:
+    """Whether ``name`` is a model the server serves (``--served-model-name``), on vLLM's app state."""
+    return bool(app_state.openai_serving_models.is_base_model(name))
+
+
+def extend_model_list(
+    app_state: Any,
+    *,
+    base_fields: Callable[[], dict[str, Any]],
+    variants: Callable[[], list[tuple[str, dict[str, Any]]]],
+) -> None:
+    """Add to ``/v1/models``: fields on each base model's card, and ``BASE@SUFFIX`` cards.
+
+    Both callables are called on every listing. ``base_fields()`` gives extra
+    fields for each served model's card; ``variants()`` gives ``(suffix,
+    fields)`` pairs, and for each served model ``BASE`` a card ``BASE@suffix``
+    (parent ``BASE``, same root and context length) with those extra fields is
+    appended.
+    """
+    from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
+
+    models = app_state.openai_serving_models
+    original = models.show_available_models
+
+    async def show_available_models():
+        listing = await original()
+        extra, more = base_fields(), variants()
+        for card in listing.data:
+            if models.is_base_model(card.id):
+                for key, value in extra.items():
+                    setattr(card, key, value)
+        for base in models.base_model_paths:
+            for suffix, fields in more:
+                listing.data.append(ModelCard(
+                    id=f"{base.name}@{suffix}", parent=base.name, root=base.model_path,
+                    max_model_len=models.model_config.max_model_len,
+                    permission=[ModelPermission()], **fields,
+                ))
+        return listing
+
+    models.show_available_models = show_available_models

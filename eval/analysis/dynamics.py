@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
 from vllm_negablate.models import recorded_start_token
+from vllm_negablate import set_names
 from vllm_negablate.neuron_set import NeuronSet, percent_label
 
 from eval.analysis.sweep import (
@@ -167,9 +168,10 @@ class DynamicsResult(BaseModel):
 # --------------------------------------------------------------------------- one checkpoint
 
 
-def set_names(top_percent: float, seed: int) -> dict[str, str]:
-    p = percent_label(top_percent)
-    return {"wasserstein-negative": f"wasserstein-top{p}", "random-negative": f"random-top{p}-s{seed}"}
+def condition_set_names(top_percent: float, seed: int) -> dict[str, str]:
+    """The set each checkpoint's ablated conditions serve."""
+    return {"wasserstein-negative": set_names.wasserstein_top(top_percent),
+            "random-negative": set_names.random_control(top_percent, seed)}
 
 
 def discover(cfg: DynamicsConfig, model_dir: Path, ck_dir: Path) -> Path:
@@ -200,7 +202,7 @@ def discover(cfg: DynamicsConfig, model_dir: Path, ck_dir: Path) -> Path:
 
 def conditions_of(disc: Path, cfg: DynamicsConfig) -> list[Condition]:
     conds = [condition_for(BASELINE, "baseline", None)]
-    for label, name in set_names(cfg.top_percent, cfg.settings.seed).items():
+    for label, name in condition_set_names(cfg.top_percent, cfg.settings.seed).items():
         path = disc / "sets" / f"{name}.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: `neurons find` did not write {name}")

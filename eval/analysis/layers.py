@@ -37,7 +37,8 @@ from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
 from vllm_negablate.models import recorded_start_token
-from vllm_negablate.neuron_set import NeuronSet, percent_label
+from vllm_negablate import set_names
+from vllm_negablate.neuron_set import NeuronSet
 
 from eval.analysis.sweep import (
     BASELINE,
@@ -105,7 +106,7 @@ def discovery_meta(disc: Path) -> dict[str, Any]:
 
 
 def default_base_set(meta: dict[str, Any]) -> str:
-    return f"wasserstein-top{percent_label(float(meta.get('top_percent', 1.0)))}"
+    return set_names.wasserstein_top(float(meta.get("top_percent", 1.0)))
 
 
 def build_sets(disc: Path, base: NeuronSet, base_path: Path, sets_dir: Path, layers: list[int],
@@ -119,8 +120,8 @@ def build_sets(disc: Path, base: NeuronSet, base_path: Path, sets_dir: Path, lay
     from eval.commands import run_logged as _run
 
     sets_dir.mkdir(parents=True, exist_ok=True)
-    names = {"layer": [f"{base.name}-layer{i}" for i in layers],
-             "first-k": [f"{base.name}-first{k}" for k in ks]}
+    names = {"layer": [set_names.layer_restricted(base.name, [i]) for i in layers],
+             "first-k": [set_names.layer_restricted(base.name, list(range(k))) for k in ks]}
     args = {"layer": [a for i in layers for a in ("--layer", str(i))],
             "first-k": [a for k in ks for a in ("--k", str(k))]}
     for kind in ("layer", "first-k"):
@@ -139,8 +140,10 @@ def build_sets(disc: Path, base: NeuronSet, base_path: Path, sets_dir: Path, lay
 def plan(base: NeuronSet, sets: dict[str, NeuronSet], layers: list[int], ks: list[int]) -> list[Condition]:
     """Baseline, the full set, one condition per layer, one per k (labels: run directories)."""
     conds = [condition_for(BASELINE, "baseline", None), condition_for("full", "full", base)]
-    conds += [condition_for(f"layer{i}", "layer", sets[f"{base.name}-layer{i}"], i) for i in layers]
-    conds += [condition_for(f"first{k}", "first-k", sets[f"{base.name}-first{k}"], k) for k in ks]
+    conds += [condition_for(f"layer{i}", "layer", sets[set_names.layer_restricted(base.name, [i])], i)
+              for i in layers]
+    conds += [condition_for(f"first{k}", "first-k", sets[set_names.layer_restricted(base.name, list(range(k)))], k)
+              for k in ks]
     return conds
 
 

@@ -54,7 +54,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
 import typer
 from pydantic import BaseModel, Field
 from rich.console import Console
@@ -322,15 +321,14 @@ def check_server_models(cfg: LmTasksConfig, conditions: Sequence[Condition], api
     """Fail before lm_eval starts if the server does not serve every condition's
     model name (lm_eval would otherwise retry each request and then crash)."""
     from eval.scoring import normalize_base_url
+    from server.http import ModelListError, list_models, models_url
 
-    url = normalize_base_url(cfg.server) + "/v1/models"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    base = normalize_base_url(cfg.server)
+    url = models_url(base)
     try:
-        r = httpx.get(url, headers=headers, timeout=30)
-        r.raise_for_status()
-        ids = {m["id"] for m in r.json()["data"]}
-    except (httpx.HTTPError, KeyError, ValueError) as e:
-        raise RuntimeError(f"cannot list the server's models at {url}: {e}") from e
+        ids = {m["id"] for m in list_models(base, api_key, timeout=30)}
+    except ModelListError as e:
+        raise RuntimeError(f"cannot list the server's models at {url}: {e.reason}") from e
     missing = [c.model for c in conditions if c.model not in ids]
     if missing:
         raise RuntimeError(f"the server at {cfg.server} does not serve {', '.join(missing)} "

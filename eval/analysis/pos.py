@@ -438,19 +438,14 @@ def _text_source(cfg: PosConfig) -> tuple[str, Path]:
 
 
 def _server_max_len(server: str, base: str, api_key: str | None) -> int | None:
-    import httpx
-
     from eval.scoring import normalize_base_url
+    from server.http import ModelListError, list_models
 
     url = normalize_base_url(server)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        r = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
-    except httpx.HTTPError as e:
-        raise PosAnalysisError(f"cannot reach {url}/v1/models: {e}") from e
-    if r.status_code != 200:
-        raise PosAnalysisError(f"{url}/v1/models answered {r.status_code}: {r.text[:300]}")
-    models = r.json().get("data", [])
+        models = list_models(url, api_key, timeout=30)
+    except ModelListError as e:  # "cannot reach URL: ..." / "URL answered STATUS: ..."
+        raise PosAnalysisError(str(e)) from e
     ids = [m.get("id") for m in models]
     if base not in ids:
         raise PosAnalysisError(f"model {base!r} is not served at {url} (served: {', '.join(map(str, ids))})")

@@ -38,7 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from vllm_negablate.neuron_set import NO_ABLATION, NeuronSet
 
-from eval.data import default_data_dir, load_blimp, load_wikitext_text, stratified_subsample
+from eval.data import default_data_dir, load_blimp, load_tse_ml, load_wikitext_text, stratified_subsample
 
 console = Console(stderr=True)
 
@@ -49,13 +49,15 @@ PRESCORE_CHUNK = 256  # sequences per progress step (all cached: evaluate_* then
 class EvalSettings(BaseModel):
     """What is measured for every condition; the defaults suit a small model on a CPU.
 
-    ``ppl_windows=0`` skips perplexity. ``window`` counts the start token and must
-    be below the server's ``max_model_len`` (vLLM generates one hidden token).
+    ``ppl_windows=0`` skips perplexity, ``tse_per_test=0`` (the default) skips TSE.
+    ``window`` counts the start token and must be below the server's
+    ``max_model_len`` (vLLM generates one hidden token).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     blimp_per_paradigm: int = 10
+    tse_per_test: int = 0
     ppl_windows: int = 4
     window: int = 512
     seed: int = 0
@@ -121,6 +123,11 @@ def blimp_options(cond: Condition, s: EvalSettings) -> dict[str, Any]:
             "blimp_per_paradigm": s.blimp_per_paradigm, "seed": s.seed}
 
 
+def tse_options(cond: Condition, s: EvalSettings) -> dict[str, Any]:
+    return {"condition": cond.label, "set_hash": cond.set_hash,
+            "tse_per_test": s.tse_per_test, "seed": s.seed}
+
+
 def ppl_options(cond: Condition, s: EvalSettings) -> dict[str, Any]:
     return {"condition": cond.label, "set_hash": cond.set_hash, "window": s.window,
             "ppl_windows": s.ppl_windows}
@@ -138,10 +145,22 @@ def run_done(run_dir: Path, options: dict[str, Any]) -> bool:
     return all(got.get(k) == v for k, v in options.items())
 
 
-def condition_done(runs_dir: Path, cond: Condition, s: EvalSettings) -> bool:
+TaskName = Literal["blimp", "tse", "perplexity"]
+
+
+def pending_tasks(runs_dir: Path, cond: Condition, s: EvalSettings) -> list[TaskName]:
+    """The tasks of ``cond`` with no finished run made with these settings."""
     base = runs_dir / cond.label
-    ok = run_done(base / "blimp", blimp_options(cond, s))
-    return ok and (s.ppl_windows <= 0 or run_done(base / "perplexity", ppl_options(cond, s)))
+    wanted: list[tuple[TaskName, dict[str, Any]]] = [("blimp", blimp_options(cond, s))]
+    if s.tse_per_test > 0:
+        wanted.append(("tse", tse_options(cond, s)))
+    if s.ppl_windows > 0:
+        wanted.append(("perplexity", ppl_options(cond, s)))
+    return [task for task, options in wanted if not run_done(base / task, options)]
+
+
+def condition_done(runs_dir: Path, cond: Condition, s: EvalSettings) -> bool:
+    return not pending_tasks(runs_dir, cond, s)
 
 
 def served_model(served_name: str, set_name: str | None) -> str:
@@ -152,10 +171,9 @@ def served_model(served_name: str, set_name: str | None) -> str:
 # --------------------------------------------------------------------------- server
 
 
-def _api_headers() -> dict[str, str]:
+def _api_key() -> str | None:
     """vLLM's ``--api-key`` guards /v1/models too; the scorer reads the same variable."""
-    key = os.environ.get("OPENAI_API_KEY")
-    return {"Authorization": f"Bearer {key}"} if key else {}
+    return os.environ.get("OPENAI_API_KEY") or None
 
 
 @contextlib.contextmanager
@@ -180,16 +198,13 @@ def check_server_sets(url: str, sets: Sequence[NeuronSet], served_name: str, *,
     missing or different sets are uploaded (a different set under the same name
     would silently measure other neurons). Without it the control API is closed, so
     only the names in ``/v1/models`` (``BASE@SET``) can be checked; a missing name
-    raises :class:`RuntimeError`.
+    raises :class:`RuntimeError` (as does a failed listing: :class:`server.http.ModelListError`).
     """
-    import httpx
-
     from server.client import NegablateClient
+    from server.http import list_models
 
     if admin_key is None:
-        r = httpx.get(f"{url.rstrip('/')}/v1/models", headers=_api_headers(), timeout=30.0)
-        r.raise_for_status()
-        ids = {c["id"] for c in r.json().get("data", [])}
+        ids = {c["id"] for c in list_models(url, _api_key(), timeout=30.0)}
         missing = [ns.name for ns in sets if f"{served_name}@{ns.name}" not in ids]
         if missing:
             raise RuntimeError(
@@ -208,12 +223,11 @@ def check_server_sets(url: str, sets: Sequence[NeuronSet], served_name: str, *,
 
 
 def served_base_name(url: str) -> str:
-    """The base model name a server lists first in ``/v1/models`` (ids without ``@``)."""
-    import httpx
+    """The base model name a server lists first in ``/v1/models`` (ids without ``@``);
+    :class:`RuntimeError` (:class:`server.http.ModelListError`) if it cannot be listed."""
+    from server.http import list_models
 
-    r = httpx.get(f"{url.rstrip('/')}/v1/models", headers=_api_headers(), timeout=30.0)
-    r.raise_for_status()
-    ids = [c["id"] for c in r.json().get("data", []) if "@" not in c["id"]]
+    ids = [c["id"] for c in list_models(url, _api_key(), timeout=30.0) if "@" not in c["id"]]
     if not ids:
         raise RuntimeError(f"{url}/v1/models lists no base model")
     return ids[0]
@@ -235,7 +249,9 @@ def evaluate_conditions(
     cache_namespace: str = "",
     title: str = "",
 ) -> None:
-    """Score every unfinished condition on BLiMP (and perplexity) and write its run dirs.
+    """Score every unfinished condition on BLiMP (and TSE, perplexity) and write its run dirs.
+
+    The one evaluation loop of reproduce and the analyses.
 
     Sequences are first scored in chunks (a rich progress bar per step; results land
     in the cache), then :func:`eval.tasks.evaluate_pairs` / ``evaluate_perplexity``
@@ -245,20 +261,17 @@ def evaluate_conditions(
     from eval.scoring import CompletionsScorer
     from eval.tasks import evaluate_pairs, evaluate_perplexity, make_windows, write_pair_run, write_ppl_run
 
-    todo: list[tuple[Condition, Literal["blimp", "perplexity"]]] = []
-    for c in conditions:
-        if not run_done(runs_dir / c.label / "blimp", blimp_options(c, settings)):
-            todo.append((c, "blimp"))
-        if settings.ppl_windows > 0 and not run_done(runs_dir / c.label / "perplexity", ppl_options(c, settings)):
-            todo.append((c, "perplexity"))
+    todo = [(c, task) for c in conditions for task in pending_tasks(runs_dir, c, settings)]
     if not todo:
         return
     data_dir = settings.data_dir or default_data_dir()
     pairs = stratified_subsample(load_blimp(data_dir), settings.blimp_per_paradigm, settings.seed)
+    tse_pairs = (stratified_subsample(load_tse_ml(data_dir), settings.tse_per_test, settings.seed)
+                 if settings.tse_per_test > 0 else [])
     text_path = data_dir / "wikitext-2" / "test.txt"
     text = load_wikitext_text(text_path) if settings.ppl_windows > 0 else ""
     cache.parent.mkdir(parents=True, exist_ok=True)
-    blimp_seqs: list[list[int]] | None = None
+    pair_seqs: dict[str, list[list[int]]] = {}
     ppl_seqs: list[list[int]] | None = None
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -269,10 +282,11 @@ def evaluate_conditions(
                                    cache=cache, cache_namespace=ns_key, concurrency=settings.concurrency,
                                    batch_size=settings.batch_size, progress=False,
                                    start_token=start_token) as scorer:
-                if task == "blimp":
-                    if blimp_seqs is None:
-                        blimp_seqs = scorer.encode_batch([t for p in pairs for t in (p.good, p.bad)])
-                    seqs = blimp_seqs
+                task_pairs = pairs if task == "blimp" else tse_pairs
+                if task != "perplexity":
+                    if task not in pair_seqs:
+                        pair_seqs[task] = scorer.encode_batch([t for p in task_pairs for t in (p.good, p.bad)])
+                    seqs = pair_seqs[task]
                 else:
                     if ppl_seqs is None:
                         tokens = scorer.tokenizer.encode_batch([text])[0]
@@ -286,9 +300,9 @@ def evaluate_conditions(
                     scorer.score_ids(chunk)
                     progress.advance(step, len(chunk))
                 out = runs_dir / cond.label / task
-                if task == "blimp":
-                    records, summary = evaluate_pairs(scorer, pairs, "blimp",
-                                                      options=blimp_options(cond, settings))
+                if task != "perplexity":
+                    options = (blimp_options if task == "blimp" else tse_options)(cond, settings)
+                    records, summary = evaluate_pairs(scorer, task_pairs, task, options=options)
                     summary.run.elapsed_s = round(time.perf_counter() - t0, 3)  # scoring included
                     write_pair_run(out, records, summary)
                 else:

@@ -31,8 +31,8 @@ from vllm_negablate.discovery.pipeline import (
     restrict_layers,
     wasserstein_set,
 )
+from vllm_negablate.discovery.streaming import StreamingW1Estimator
 from vllm_negablate.discovery.wasserstein import (
-    StreamingW1Estimator,
     exact_w1_to_std_normal_columns,
     top_percent_mask,
 )

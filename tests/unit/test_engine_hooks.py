@@ -10,13 +10,9 @@ from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.request import Request
 
-from vllm_negablate.engine_hooks import (
-    EngineCoreMirror,
-    UnknownNeuronSetError,
-    pin_request,
-    salt_for,
-)
+from vllm_negablate.engine_hooks import EngineCoreMirror, UnknownNeuronSetError, salt_for
 from vllm_negablate.runtime import NEURON_SET_HASH_KEY, NEURON_SET_KEY
+from vllm_negablate.vllm_adapter import pin_request  # engine_hooks.pin_set + block rehash
 
 BLOCK = 16
 PROMPT = list(range(100, 140))  # 40 tokens: 2 full blocks

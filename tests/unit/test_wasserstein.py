@@ -11,8 +11,8 @@ import scipy.stats as st
 import torch
 from scipy.special import ndtr, ndtri
 
+from vllm_negablate.discovery.streaming import StreamingW1Estimator
 from vllm_negablate.discovery.wasserstein import (
-    StreamingW1Estimator,
     exact_w1_split_columns,
     exact_w1_to_std_normal,
     exact_w1_to_std_normal_columns,

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from vllm_negablate.discovery.wasserstein import StreamingW1Estimator
+from vllm_negablate.discovery.streaming import StreamingW1Estimator
 
 logger = logging.getLogger("vllm_negablate")
 

@@ -40,21 +40,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-
-from vllm_negablate.paths import sha256_file, wikitext
-from vllm_negablate.start_token import StartTokenError
-from vllm_negablate.start_token import start_token_id as rule_start_token_id
 from typing import Any
 
 import numpy as np
 
+from vllm_negablate import set_names, vllm_adapter
 from vllm_negablate.discovery.collector import (
     ObserverConfig,
     from_wire,
     merge_tp_scores,
     merge_tp_states,
 )
-from vllm_negablate.discovery.wasserstein import StreamingW1Estimator, top_percent_mask
+from vllm_negablate.discovery.streaming import StreamingW1Estimator
+from vllm_negablate.discovery.wasserstein import top_percent_mask
 from vllm_negablate.neuron_set import (
     AblationMode,
     LayerAblation,
@@ -63,6 +61,9 @@ from vllm_negablate.neuron_set import (
     Provenance,
     percent_label,
 )
+from vllm_negablate.paths import sha256_file, wikitext
+from vllm_negablate.start_token import StartTokenError
+from vllm_negablate.start_token import start_token_id as rule_start_token_id
 
 DEFAULT_CORPUS = wikitext("valid")
 DEFAULT_EVAL_CORPUS = wikitext("test")
@@ -200,7 +201,7 @@ def corpus_windows(
 
 def engine_model_path(llm: Any) -> str:
     """The model an offline ``vllm.LLM`` serves (a directory, or a hub id)."""
-    return str(llm.llm_engine.model_config.model)
+    return vllm_adapter.engine_model_path(llm)
 
 
 # ------------------------------------------------------------------ statistics
@@ -265,7 +266,7 @@ def wasserstein_set(
     ]
     label = percent_label(top_percent)
     if name is None:
-        name = f"wasserstein-top{label}" + ("" if mode is AblationMode.NEGATIVE else f"-{mode.value}")
+        name = set_names.wasserstein_top(top_percent, mode)
     src = {**dict(source or {}), "top_percent": float(top_percent),
            "percentile": 100.0 - float(top_percent), "score": "w1"}
     return NeuronSet(
@@ -320,8 +321,7 @@ def random_control(
         entries.append(LayerAblation(layer=layer, neurons=sorted(int(n) for n in pick), mode=mode))
     label = base.provenance.source.get("top_percent")
     if name is None:
-        stem = f"random-top{percent_label(label)}" if label is not None else f"random-{base.name}"
-        name = f"{stem}-s{seed}" + ("-incl" if include_wasserstein else "")
+        name = set_names.random_control(label, seed, base=base.name, include_base=include_wasserstein)
     return _derived(base, name, entries, "random", seed,
                     {"exclude_base": not include_wasserstein, "matched_counts": True},
                     f"Random neurons, same per-layer counts as {base.name}"
@@ -336,15 +336,8 @@ def restrict_layers(base: NeuronSet, layers: Sequence[int], name: str | None = N
     if bad:
         raise ValueError(f"layers {bad} out of range (model has {base.model.num_layers})")
     if name is None:
-        if suffix is None:
-            srt = sorted(keep)
-            if len(srt) == 1:
-                suffix = f"layer{srt[0]}"
-            elif srt == list(range(len(srt))):
-                suffix = f"first{len(srt)}"
-            else:
-                suffix = "layers" + "_".join(map(str, srt))
-        name = f"{base.name}-{suffix}"
+        name = f"{base.name}-{suffix}" if suffix is not None else \
+            set_names.layer_restricted(base.name, sorted(keep))
     entries = [e.model_copy() for e in base.entries if e.layer in keep]
     prov = base.provenance.model_copy(deep=True)
     prov.source = {**prov.source, "base_set": base.name, "layers": sorted(keep)}
@@ -358,7 +351,7 @@ def mode_variant(base: NeuronSet, mode: AblationMode | str, name: str | None = N
     entries = [LayerAblation(layer=e.layer, neurons=list(e.neurons), mode=mode) for e in base.entries]
     prov = base.provenance.model_copy(deep=True)
     prov.source = {**prov.source, "mode": mode.value}
-    return NeuronSet(name=name or f"{base.name}-{mode.value}", model=base.model, entries=entries,
+    return NeuronSet(name=name or set_names.mode_variant(base.name, mode), model=base.model, entries=entries,
                      provenance=prov, description=f"{base.name} with {mode.value} ablation.")
 
 
@@ -611,9 +604,7 @@ def perplexity_matched_control(
             pass
     label = base.provenance.source.get("top_percent")
     if name is None:
-        stem = f"perplexity-matched-top{percent_label(label)}" if label is not None \
-            else f"perplexity-matched-{base.name}"
-        name = f"{stem}-s{seed}"
+        name = set_names.perplexity_matched(label, seed, base=base.name)
     extra = {"target_perplexity": target, "perplexity": match.perplexity,
              "converged": match.converged, "iterations": match.iterations,
              "tolerance": tol, "eval_tokens": int(sum(len(w) for w in windows)),
@@ -707,7 +698,7 @@ def find_neurons(
     if collect not in ("scores", "state"):
         raise ValueError("collect must be 'scores' or 'state'")
     corpus_path = Path(corpus_path)
-    max_len = int(llm.llm_engine.model_config.max_model_len)
+    max_len = vllm_adapter.engine_max_model_len(llm)
     if window_tokens >= max_len:
         raise DiscoveryError(
             f"window_tokens={window_tokens} must be < max_model_len={max_len} "
@@ -758,7 +749,7 @@ def find_neurons(
     metadata: dict[str, Any] = {
         "model": fingerprint.model_dump(),
         "model_path": model_path,
-        "dtype": str(llm.llm_engine.model_config.dtype),
+        "dtype": vllm_adapter.engine_dtype(llm),
         "tp_size": int(replies[0]["tp_size"]),
         "corpus": str(corpus_path.resolve()),
         "corpus_sha256": sha256_file(corpus_path),
@@ -794,7 +785,7 @@ def find_neurons(
     wset = wasserstein_set(stats["w1"], fingerprint, top_percent, source=source)
     sets = {
         wset.name: wset,
-        f"{wset.name}-positive": mode_variant(wset, AblationMode.POSITIVE),
+        set_names.wasserstein_top(top_percent, AblationMode.POSITIVE): mode_variant(wset, AblationMode.POSITIVE),
     }
     rnd = random_control(wset, seed=seed, include_wasserstein=include_wasserstein)
     sets[rnd.name] = rnd

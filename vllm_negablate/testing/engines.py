@@ -28,7 +28,9 @@ def make_llm(model_dir: str | Path, **overrides: Any):
 
 
 def shutdown(llm: Any) -> None:
-    llm.llm_engine.engine_core.shutdown()
+    from vllm_negablate.vllm_adapter import shutdown_llm
+
+    shutdown_llm(llm)
     del llm
     gc.collect()
 
