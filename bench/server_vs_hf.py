@@ -35,7 +35,7 @@ process, engine core and worker, and this process as its client, during a server
 this process during an HF pass): per-token CPU cost, and a CPU-time ratio that is less
 sensitive to other jobs on a shared machine than the wall-time ratio.
 
-What it shows (measured, AMD EPYC, 2 cores, AVX2, float32, quiet machine):
+What it shows (measured, AMD EPYC with avx512_bf16 (no AMX), 2 cores, float32, quiet machine):
 
 * SmolLM2-135M (30 layers x 1,536), 200 pairs = 400 sentences, 4,010 tokens, 1 % set:
   server 243 tok/s, HF 194 tok/s (batch 128, 29 % of its positions are padding):

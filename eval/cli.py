@@ -348,14 +348,10 @@ def perplexity(
 
       negablate eval perplexity -m pythia-160m@wd1pct --tokenizer /models/pythia-160m -w 1024
     """
-    import os
-
-    from eval.data import DATA_DIR_ENV, load_wikitext_text
+    from eval.data import load_wikitext_text
     from eval.tasks import evaluate_perplexity, print_ppl_summary, server_max_model_len, write_ppl_run
 
-    if data_dir is not None:
-        os.environ[DATA_DIR_ENV] = str(data_dir)
-    txt = _run_guarded(lambda: load_wikitext_text(text))
+    txt = _run_guarded(lambda: load_wikitext_text(text, data_dir=data_dir))
     sc = _scorer(server, model, neuron_set, tokenizer, start_token, api_key, concurrency, batch_size,
                  max_batch_tokens, cache, no_cache, timeout, max_retries, quiet)
     with sc:

@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from vllm_negablate.settings import get_settings
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [
@@ -67,7 +69,7 @@ __all__ = [
 
 Source = Literal["blimp", "tse", "tse-ml"]
 
-DATA_DIR_ENV = "NEGABLATE_DATA_DIR"
+DATA_DIR_ENV = "NEGABLATE_DATA_DIR"  # read through vllm_negablate.settings
 BLIMP_HUB_DATASET = "nyu-mll/blimp"
 
 # The 67 BLiMP paradigms (= file names, = hub config names), sorted.
@@ -193,11 +195,8 @@ def repo_root() -> Path:
 
 
 def default_data_dir() -> Path:
-    """``$NEGABLATE_DATA_DIR`` if set and non-empty, else ``<repo>/../shared/data``."""
-    env = os.environ.get(DATA_DIR_ENV, "").strip()
-    if env:
-        return Path(env).expanduser()
-    return (repo_root().parent / "shared" / "data").resolve()
+    """``NEGABLATE_DATA_DIR`` if set, else ``<repo>/../shared/data`` (see vllm_negablate.settings)."""
+    return get_settings().data_dir.expanduser()
 
 
 def _bench_dir(data_dir: str | os.PathLike[str] | None, sub: str) -> Path:
@@ -538,16 +537,18 @@ def stratified_subsample(
 # --------------------------------------------------------------------------- WikiText
 
 
-def _wikitext_default_path() -> Path:
-    base = default_data_dir() / "wikitext-2"
+def _wikitext_default_path(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    base = (Path(data_dir).expanduser() if data_dir is not None else default_data_dir()) / "wikitext-2"
     raw = base / "raw" / "wiki.test.raw"
     return raw if raw.is_file() else base / "test.txt"
 
 
-def load_wikitext_rows(path: str | os.PathLike[str] | None = None) -> list[str]:
+def load_wikitext_rows(path: str | os.PathLike[str] | None = None, *,
+                       data_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """The file's lines as the hub's ``wikitext`` rows: each line with its newline
-    kept, blank lines as ``""`` (4,358 rows for the test split)."""
-    p = _wikitext_default_path() if path is None else Path(path).expanduser()
+    kept, blank lines as ``""`` (4,358 rows for the test split). Without ``path``: the
+    test split under ``data_dir`` (default :func:`default_data_dir`)."""
+    p = _wikitext_default_path(data_dir) if path is None else Path(path).expanduser()
     if not p.is_file():
         raise DataUnavailableError(f"WikiText file not found: {p}")
     with p.open("r", encoding="utf-8", newline=None) as fh:
@@ -555,7 +556,8 @@ def load_wikitext_rows(path: str | os.PathLike[str] | None = None) -> list[str]:
 
 
 def load_wikitext_text(
-    path: str | os.PathLike[str] | None = None, *, joiner: str = "\n\n"
+    path: str | os.PathLike[str] | None = None, *, joiner: str = "\n\n",
+    data_dir: str | os.PathLike[str] | None = None,
 ) -> str:
     """The text of a WikiText-2 split as one string, built the reference code's way.
 
@@ -573,4 +575,4 @@ def load_wikitext_text(
     ``<unk>``; read as they are they stand in for the missing raw splits (e.g.
     ``valid.txt`` to select neurons, raw test to measure).
     """
-    return joiner.join(load_wikitext_rows(path))
+    return joiner.join(load_wikitext_rows(path, data_dir=data_dir))

@@ -87,6 +87,7 @@ from server.http import (
     auth_headers,
 )
 from vllm_negablate.neuron_set import NO_ABLATION, is_no_ablation
+from vllm_negablate.settings import get_settings
 from vllm_negablate.start_token import (
     StartTokenError,
     read_special_tokens,
@@ -167,9 +168,9 @@ def split_model(model: str) -> tuple[str, str | None]:
 
 def default_cache_path() -> Path:
     """``$NEGABLATE_EVAL_CACHE`` if set, else ``~/.cache/negablate/eval-scores.sqlite``."""
-    env = os.environ.get(CACHE_ENV, "").strip()
-    if env:
-        return Path(env).expanduser()
+    configured = get_settings().eval_cache
+    if configured is not None:
+        return configured.expanduser()
     base = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
     return Path(base) / "negablate" / "eval-scores.sqlite"
 

@@ -14,9 +14,10 @@ import logging
 import os
 from pathlib import Path
 
-from server.launcher import worker_slots
+from server.launcher import ensure_worker_slots
 from server.registry import DEFAULT_WAIT_TIMEOUT, SetRegistry
 from server.routes import router
+from vllm_negablate.settings import get_settings
 from vllm_negablate import vllm_adapter
 from vllm_negablate.neuron_set import NO_ABLATION
 
@@ -51,7 +52,7 @@ async def serve(args) -> None:
         registry = SetRegistry(rpc, Path(args.neuron_sets) if args.neuron_sets else None,
                                args.max_sets, wait_timeout=args.set_wait_timeout)
         app.state.negablate = registry
-        app.state.negablate_admin_key = args.admin_key or os.environ.get("NEGABLATE_ADMIN_KEY") or None
+        app.state.negablate_admin_key = args.admin_key or get_settings().admin_key
         app.state.negablate_api_keys = vllm_adapter.openai_api_keys(args)
         _wrap_model_list(app.state)
         await registry.startup()
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     vllm_adapter.openai_server_env_setup()
     args = parse_args(argv)
     # Workers need spare slots: a replaced set keeps its old slot until its requests end.
-    os.environ.setdefault("NEGABLATE_MAX_SETS", str(worker_slots(args.max_sets)))
+    ensure_worker_slots(os.environ, args.max_sets)
     vllm_adapter.configure_logging(args)
     uvloop.run(serve(args))
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,7 +27,8 @@ from typing import Any
 import httpx
 
 ENV_CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
-ENV_WORKER_SLOTS = "NEGABLATE_MAX_SETS"
+ENV_WORKER_SLOTS = "NEGABLATE_WORKER_SLOTS"
+ENV_WORKER_SLOTS_OLD = "NEGABLATE_MAX_SETS"  # the variable's old name, still read
 
 
 def free_port() -> int:
@@ -72,6 +73,13 @@ def worker_slots(max_sets: int) -> int:
     """Worker slot-table size for ``--max-sets N``: a replaced set keeps its old slot
     until its requests end, so the workers need room beyond the resident sets."""
     return 2 * max_sets + 2
+
+
+def ensure_worker_slots(env: MutableMapping[str, str], max_sets: int) -> None:
+    """Give the workers at least :func:`worker_slots` slots; more if ``env`` already asks."""
+    asked = next((int(env[k]) for k in (ENV_WORKER_SLOTS, ENV_WORKER_SLOTS_OLD) if env.get(k)), 0)
+    env.pop(ENV_WORKER_SLOTS_OLD, None)
+    env[ENV_WORKER_SLOTS] = str(max(worker_slots(max_sets), asked))
 
 
 class ServerProcess:
@@ -183,8 +191,10 @@ def serve(model_dir: str | Path, *extra: str, log_path: str | Path, max_sets: in
     """
     if bind_all_cores:
         bind_worker_to_all_cores()
-    slots = max(worker_slots(max_sets), int(os.environ.get(ENV_WORKER_SLOTS, "0") or 0))
-    env = {ENV_WORKER_SLOTS: str(slots), **kwargs.pop("env", {})}
+    env = dict(kwargs.pop("env", {}))
+    merged = {**os.environ, **env}
+    ensure_worker_slots(merged, max_sets)
+    env[ENV_WORKER_SLOTS] = merged[ENV_WORKER_SLOTS]
     server = ServerProcess(model_dir, *extra, "--max-sets", str(max_sets), log_path=log_path,
                            env=env, start_timeout=timeout, **kwargs)
     say = announce or (lambda *_: None)

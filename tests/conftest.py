@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm_eval subprocesses read local JSONL
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-os.environ.setdefault("NEGABLATE_MAX_SETS", "32")  # tests load many sets into one engine
+os.environ.setdefault("NEGABLATE_WORKER_SLOTS", "32")  # tests load many sets into one engine
 
 from vllm_negablate.testing.tiny_models import build_tiny_model  # noqa: E402
 

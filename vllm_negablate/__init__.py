@@ -9,7 +9,6 @@ methods listed in :mod:`vllm_negablate.vllm_adapter`. Set
 from __future__ import annotations
 
 import logging
-import os
 
 from vllm_negablate.neuron_set import (
     AblationMode,
@@ -65,7 +64,9 @@ def check_vllm_version(version: str | None = None) -> str:
 
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group."""
-    if os.environ.get("NEGABLATE_DISABLE", "") not in ("", "0"):
+    from vllm_negablate.settings import get_settings
+
+    if get_settings().disable:
         return
     check_vllm_version()
     from vllm_negablate import vllm_adapter

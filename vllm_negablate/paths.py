@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from vllm_negablate.settings import get_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def data_dir() -> Path:
-    env = os.environ.get("NEGABLATE_DATA_DIR")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+    return get_settings().data_dir
 
 
 def wikitext(split: str) -> Path:

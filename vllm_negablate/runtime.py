@@ -22,7 +22,6 @@ Invariants that keep answers unmixed:
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from torch import nn
 
 from vllm_negablate.neuron_set import ModelFingerprint, NeuronSet, NeuronSetError, is_no_ablation
 from vllm_negablate.ops import SignAblatedActivation, ablate_dense_, ablate_sparse_
+from vllm_negablate.settings import get_settings
 from vllm_negablate.sharding import ShardSpec
 from vllm_negablate.step_plan import StepPlan
 from vllm_negablate.tables import NO_ABLATION_SLOT, AblationTables
@@ -43,7 +43,6 @@ logger = logging.getLogger("vllm_negablate")
 NEURON_SET_KEY = "neuron_set"
 NEURON_SET_HASH_KEY = "neuron_set_hash"
 
-DEFAULT_MAX_SETS = int(os.environ.get("NEGABLATE_MAX_SETS", "8"))
 
 _LAYER_MLP = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp$")
 _ACT_ATTRS = ("act_fn", "act", "activation_fn")
@@ -173,7 +172,7 @@ class WorkerRuntime:
         tp_size: int = 1,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-        max_sets: int = DEFAULT_MAX_SETS,
+        max_sets: int | None = None,
         kernel: str | None = None,
         max_num_tokens: int = 8192,
     ) -> WorkerRuntime:
@@ -195,8 +194,9 @@ class WorkerRuntime:
                     f"layer {w.layer}: MLP width {w.local_width} x tp {tp_size} does not match "
                     f"intermediate_size {fingerprint.intermediate_size}"
                 )
-        tables = AblationTables(shards, max_sets, dtype, device)
-        kernel = kernel or os.environ.get("NEGABLATE_KERNEL", "sparse")
+        settings = get_settings()
+        kernel = kernel or settings.kernel or "sparse"
+        tables = AblationTables(shards, max_sets or settings.worker_slots, dtype, device)
         if kernel not in ("sparse", "dense"):
             raise ValueError(f"NEGABLATE_KERNEL must be 'sparse' or 'dense', got {kernel!r}")
         return cls(
@@ -326,7 +326,7 @@ class WorkerRuntime:
                 return slot
         raise SlotsExhausted(
             f"all {self.tables.num_user_slots} neuron-set slots are in use "
-            f"(loaded: {sorted(self.names)}); remove a set first or raise NEGABLATE_MAX_SETS"
+            f"(loaded: {sorted(self.names)}); remove a set first or raise NEGABLATE_WORKER_SLOTS"
         )
 
     def _collect_garbage(self) -> None:

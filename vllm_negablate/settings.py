@@ -47,7 +47,7 @@ class NegablateSettings(BaseSettings):
         REPO_ROOT.parent / "shared" / "data",
         description="Data root: blimp/, tse/, tse-ml/, wikitext-2/, piqa/, ... (`--data-dir` wins).")
     cache: Path = Field(
-        Path.home() / ".cache" / "negablate",
+        default_factory=lambda: Path.home() / ".cache" / "negablate",  # HOME as it is at the call
         description="Cache root; converted models go to `<cache>/models`.")
     eval_cache: Path | None = Field(
         None, description="SQLite score cache of the harness (default "
@@ -74,9 +74,11 @@ def describe() -> list[tuple[str, str, str]]:
     rows = []
     for name, field in NegablateSettings.model_fields.items():
         var = f"NEGABLATE_{name.upper()}"
-        default = field.default
+        default = field.get_default(call_default_factory=True)
         shown = "unset" if default is None else str(default).replace(str(Path.home()), "~")
         if name == "data_dir":
             shown = "`../shared/data` beside the repo"
+        elif isinstance(default, bool):
+            shown = "on" if default else "off"
         rows.append((var, shown, field.description or ""))
     return rows

@@ -147,13 +147,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from vllm_negablate.engine_hooks import EngineCoreMirror, UnknownNeuronSetError, pin_set
+from vllm_negablate.settings import get_settings
 
 logger = logging.getLogger("vllm_negablate")
 
@@ -331,14 +331,15 @@ def install_runtime(model, vllm_config) -> None:
         len(runtime.layers), runtime.layers[0].activation, runtime.tp_rank,
         runtime.tp_size, runtime.kernel,
     )
-    sets_dir = os.environ.get("NEGABLATE_NEURON_SETS_DIR")
+    settings = get_settings()
+    sets_dir = settings.neuron_sets_dir
     if sets_dir:
         for path in sorted(Path(sets_dir).glob("*.json")):
             try:
                 runtime.load_set(NeuronSet.load(path))
             except Exception as exc:  # one bad file must not stop the others
                 logger.error("vllm_negablate: skipping %s: %s", path, exc)
-        default = os.environ.get("NEGABLATE_DEFAULT_SET")
+        default = settings.default_set
         if default:
             runtime.set_default(default)
 
@@ -353,7 +354,7 @@ def _intermediate_size(text_config) -> int:
 
 
 def _choose_kernel(vllm_config) -> str:
-    forced = os.environ.get("NEGABLATE_KERNEL")
+    forced = get_settings().kernel
     if forced:
         return forced
     if is_cpu_platform() or vllm_config.model_config.enforce_eager:

@@ -860,7 +860,7 @@ def register(app: typer.Typer) -> None:
         factory = None
         if model_dir is not None:
             def factory():
-                from server.launcher import ServerProcess, bind_worker_to_all_cores, worker_slots
+                from server.launcher import ENV_WORKER_SLOTS, ServerProcess, bind_worker_to_all_cores, worker_slots
 
                 if cpu_bind_all_cores:
                     bind_worker_to_all_cores()
@@ -871,7 +871,7 @@ def register(app: typer.Typer) -> None:
                     extra += ["--neuron-sets", str(sets_dir)]
                 srv = ServerProcess(model_dir, *extra, log_path=logs / "server.log", served_name=base,
                                     dtype=dtype, kv_cache_bytes=kv_cache_mb * 2**20, max_model_len=max_model_len,
-                                    env={"NEGABLATE_MAX_SETS": str(worker_slots(max_sets))})
+                                    env={ENV_WORKER_SLOTS: str(worker_slots(max_sets))})
                 console.print(f"starting the server on {model_dir} (log: {logs / 'server.log'}) ...")
                 return srv.start(timeout=900)
         try:

@@ -42,7 +42,7 @@ def churn_server(tiny_models, tmp_path_factory):
     server = ServerProcess(
         model_dir, "--admin-key", ADMIN, "--neuron-sets", str(sets_dir), "--max-sets", "2",
         "--set-wait-timeout", "60", log_path=root / "server.log",
-        env={"NEGABLATE_MAX_SETS": "6"},  # what `negablate serve --max-sets 2` gives the workers
+        env={"NEGABLATE_WORKER_SLOTS": "6"},  # what `negablate serve --max-sets 2` gives the workers
         **TINY_SERVER,
     ).start()
     yield server, model_dir, sets_dir, sets

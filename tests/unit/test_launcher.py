@@ -34,6 +34,7 @@ def test_server_command_and_admin_key(tmp_path, monkeypatch):
     from server.launcher import ServerProcess, worker_slots
 
     monkeypatch.delenv("NEGABLATE_MAX_SETS", raising=False)
+    monkeypatch.delenv("NEGABLATE_WORKER_SLOTS", raising=False)
     srv = ServerProcess(tmp_path / "m", "--max-sets", "3", log_path=tmp_path / "log", served_name="x",
                         kv_cache_bytes=2**20, max_model_len=64, env={"A": "1"})
     cmd = srv.cmd[srv.cmd.index("server.app") + 1:]
@@ -48,3 +49,17 @@ def test_server_command_and_admin_key(tmp_path, monkeypatch):
     assert "--kv-cache-memory-bytes" not in plain.cmd and "--max-model-len" not in plain.cmd
     assert plain.cmd.count("--admin-key") == 1 and plain.cmd[plain.cmd.index("--admin-key") + 1] == "k"
     assert worker_slots(2) == 6 and worker_slots(8) == 18
+
+
+def test_worker_slots_respect_a_larger_request_and_the_old_name():
+    from server.launcher import ensure_worker_slots
+
+    env = {}
+    ensure_worker_slots(env, 2)
+    assert env == {"NEGABLATE_WORKER_SLOTS": "6"}
+    env = {"NEGABLATE_MAX_SETS": "32"}  # the old name, as older scripts set it
+    ensure_worker_slots(env, 2)
+    assert env == {"NEGABLATE_WORKER_SLOTS": "32"}
+    env = {"NEGABLATE_WORKER_SLOTS": "4"}
+    ensure_worker_slots(env, 8)
+    assert env == {"NEGABLATE_WORKER_SLOTS": "18"}

@@ -44,6 +44,7 @@ from vllm_negablate.models.registry import (
     marker_matches,
     read_marker,
 )
+from vllm_negablate.settings import get_settings
 from vllm_negablate.paths import sha256_file
 
 CACHE_ENV = "NEGABLATE_CACHE"
@@ -61,10 +62,7 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     or ``~/.cache/negablate/models``."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser() / "models"
-    return Path.home() / ".cache" / "negablate" / "models"
+    return get_settings().cache.expanduser() / "models"
 
 
 def model_cache_path(name: str, cache_dir: str | Path | None = None) -> Path:
