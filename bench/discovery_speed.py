@@ -100,7 +100,7 @@ def main() -> None:
 
     from vllm import LLM
 
-    from vllm_negablate.discovery.pipeline import make_windows, tokenize_corpus
+    from vllm_negablate.discovery.corpus import make_windows, tokenize_corpus
     from vllm_negablate.start_token import start_token_id
 
     model = args.model or str(build_model(args.width, args.layers))

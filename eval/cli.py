@@ -119,7 +119,8 @@ def _scorer(server: str, model: str, neuron_set: str | None, tokenizer: str | No
             start_token: str | None, api_key: str | None, concurrency: int, batch_size: int,
             max_batch_tokens: int, cache: Path | None, no_cache: bool, timeout: float,
             max_retries: int, quiet: bool):
-    from eval.scoring import CompletionsScorer, TokenizerError
+    from eval.scoring import CompletionsScorer
+    from eval.tokenizers import TokenizerError
 
     try:
         sc = CompletionsScorer(
@@ -136,7 +137,8 @@ def _scorer(server: str, model: str, neuron_set: str | None, tokenizer: str | No
 
 def _run_guarded(fn: Any) -> Any:
     from eval.data import DataFormatError, DataUnavailableError, UnknownNameError
-    from eval.scoring import ScoringError, TokenizerError
+    from eval.errors import ScoringError
+    from eval.tokenizers import TokenizerError
 
     try:
         return fn()

@@ -16,24 +16,10 @@ tokens). Servers that refuse ``max_tokens: 0`` (a 400 naming ``max_tokens``) are
 retried with ``max_tokens: 1`` and the generated token is dropped; that is what
 ``lm_eval`` always sends.
 
-Tokenization (the design choice)
---------------------------------
-Prompts are sent as **token ids**, tokenized here, so the ids scored are exactly
-the ids that were meant, with the start token in front, and the cache can be
-keyed by exact ids. The start token follows the project's one rule
-(:mod:`vllm_negablate.start_token`, also used by neuron discovery): an embedded
-model's recorded token, else BOS, else EOS (as ``lm_eval`` does).
-:class:`LocalTokenizer` reads the model directory's ``tokenizer.json`` with the
-``tokenizers`` library (``transformers.AutoTokenizer`` is *not* used: importing
-it imports torch, and this package must stay torch-free); special tokens come
-from ``tokenizer_config.json`` / ``special_tokens_map.json`` the way
-``transformers`` reads them, so for a plain model directory the start token is
-the one ``lm_eval``'s ``tokenizer_backend=huggingface`` picks. Text is encoded with
-``add_special_tokens=False``, which for ``tokenizer.json``-based tokenizers
-gives the same ids as ``AutoTokenizer(text, add_special_tokens=False)``.
-:class:`ServerTokenizer` instead asks the server's ``/tokenize`` endpoint (vLLM
-has it), for when no local copy of the tokenizer exists; it needs the start
-token id given explicitly unless the server exposes ``/tokenizer_info``.
+Prompts are sent as **token ids**, tokenized by :mod:`eval.tokenizers` (a local
+``tokenizer.json`` or the server's ``/tokenize``), with the start token in front;
+results are kept in the SQLite cache of :mod:`eval.score_cache`, keyed by the exact
+ids, so a rerun resumes where it stopped.
 
 Neuron sets
 -----------
@@ -41,16 +27,6 @@ The set is chosen either in the model name, ``model="BASE@SET"`` (what
 ``negablate serve`` understands, and what ``lm_eval`` can send), or in the body,
 ``neuron_set="SET"`` / ``extra_body={"vllm_xargs": {"neuron_set": "SET"}}``
 (sent as ``model=BASE``). Against plain vLLM use ``model=BASE`` and no set.
-
-Cache
------
-Results go to an SQLite file (:class:`ScoreCache`), one row per sequence, keyed
-by SHA-256 of ``(served model id BASE, neuron set, exact token ids)``: the
-server URL is not part of the key, so the same model served elsewhere reuses the
-rows. Each finished batch is committed at once, so an interrupted run, rerun,
-resumes where it stopped, and a finished one is answered without any HTTP call.
-Pass ``cache=False`` to switch it off, or ``cache_namespace=`` to keep results of
-different weights served under the same name apart.
 
 Example::
 
@@ -64,94 +40,41 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
-import sqlite3
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import httpx
 
+from eval.errors import ScoringError, ServerError
+from eval.score_cache import ScoreCache, cache_key, default_cache_path
+from eval.tokenizers import LocalTokenizer, ServerTokenizer, TokenizerError, TokenizerLike
 from server.completions import CompletionsFormatError, parse_prompt_logprobs, prompt_logprob_body
 from server.http import (
     AsyncRetryTransport,
     ModelListError,
     RetryEvent,
     RetryPolicy,
-    RetryTransport,
     alist_models,
     auth_headers,
+    normalize_base_url,
 )
 from vllm_negablate.neuron_set import NO_ABLATION, is_no_ablation
-from vllm_negablate.settings import get_settings
-from vllm_negablate.start_token import (
-    StartTokenError,
-    read_special_tokens,
-    resolve_start_token,
-    token_content,
-)
 
 logger = logging.getLogger("negablate.eval")
 
 __all__ = [
-    "CACHE_ENV",
     "CompletionsScorer",
-    "LocalTokenizer",
-    "ScoreCache",
-    "ScoringError",
-    "ServerError",
-    "ServerTokenizer",
-    "TokenizerError",
-    "TokenizerLike",
-    "default_cache_path",
-    "normalize_base_url",
     "split_model",
 ]
-
-CACHE_ENV = "NEGABLATE_EVAL_CACHE"
-_CACHE_SCHEMA = 1
 
 EchoMode = Literal["auto", "max_tokens_0", "max_tokens_1"]
 
 
-# --------------------------------------------------------------------------- errors
-
-
-class ScoringError(RuntimeError):
-    """Scoring failed (bad response, server error after retries, ...)."""
-
-
-class ServerError(ScoringError):
-    """The server answered with an error; ``status`` is the HTTP status."""
-
-    def __init__(self, status: int, message: str, url: str) -> None:
-        self.status = status
-        self.message = message
-        self.url = url
-        super().__init__(f"{url} answered {status}: {message}")
-
-
-class TokenizerError(ValueError):
-    """The tokenizer could not be loaded, or has no usable start token."""
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def normalize_base_url(url: str) -> str:
-    """``http://h:p``, ``http://h:p/``, ``http://h:p/v1`` and ``.../v1/completions``
-    all become ``http://h:p`` (no trailing slash); the API paths are added here."""
-    u = url.strip().rstrip("/")
-    for suffix in ("/v1/completions", "/v1"):
-        if u.endswith(suffix):
-            u = u[: -len(suffix)]
-    if not u.startswith(("http://", "https://")):
-        u = "http://" + u
-    return u
 
 
 def split_model(model: str) -> tuple[str, str | None]:
@@ -164,218 +87,6 @@ def split_model(model: str) -> tuple[str, str | None]:
     if not base or not name:
         raise ValueError(f"model {model!r}: expected BASE@SET with both parts non-empty")
     return base, name
-
-
-def default_cache_path() -> Path:
-    """``$NEGABLATE_EVAL_CACHE`` if set, else ``~/.cache/negablate/eval-scores.sqlite``."""
-    configured = get_settings().eval_cache
-    if configured is not None:
-        return configured.expanduser()
-    base = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
-    return Path(base) / "negablate" / "eval-scores.sqlite"
-
-
-# --------------------------------------------------------------------------- tokenizers
-
-
-class TokenizerLike(Protocol):
-    """What the scorer needs from a tokenizer."""
-
-    start_token_id: int
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-
-class LocalTokenizer:
-    """A model directory's ``tokenizer.json``, read with the ``tokenizers`` library.
-
-    ``start_token``: override the start token (an id, or a token string such as
-    ``"<|endoftext|>"``); default :func:`vllm_negablate.start_token.resolve_start_token`
-    on the tokenizer's directory: an embedded model's marker, else BOS, else EOS from
-    the tokenizer's config (the rule of ``lm_eval``'s ``prefix_token_id``), so that
-    scoring starts sequences with the token discovery used.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], start_token: int | str | None = None) -> None:
-        from tokenizers import Tokenizer  # light, no torch
-
-        p = Path(path).expanduser()
-        tj = p / "tokenizer.json" if p.is_dir() else p
-        if not tj.is_file():
-            raise TokenizerError(
-                f"no tokenizer.json at {p}: give a model directory holding tokenizer.json "
-                "(a fast tokenizer), or use --tokenizer server to tokenize on the server"
-            )
-        self.path = tj.parent
-        raw = tj.read_bytes()
-        self.sha256 = hashlib.sha256(raw).hexdigest()
-        self._tok = Tokenizer.from_str(raw.decode("utf-8"))
-        try:
-            special = read_special_tokens(self.path)
-        except StartTokenError as e:
-            raise TokenizerError(str(e)) from None
-        self.bos_token, self.bos_token_id = special.bos_token, special.bos_token_id
-        self.eos_token, self.eos_token_id = special.eos_token, special.eos_token_id
-        if start_token is None:
-            try:
-                sid = resolve_start_token(self.path, special=special).id
-            except StartTokenError:
-                raise TokenizerError(
-                    f"{self.path}: no embedded-model marker, and the tokenizer config names "
-                    "neither a BOS nor an EOS token; give the start token explicitly (--start-token)"
-                ) from None
-        elif isinstance(start_token, int) or (isinstance(start_token, str) and start_token.isdigit()):
-            sid = int(start_token)
-            if not 0 <= sid < self._tok.get_vocab_size(with_added_tokens=True):
-                raise TokenizerError(f"start token id {sid} is outside the vocabulary")
-        else:
-            sid = self._tok.token_to_id(start_token)
-            if sid is None:
-                raise TokenizerError(f"start token {start_token!r} is not in {tj}")
-        self.start_token_id: int = int(sid)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, no special tokens added."""
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        return [list(e.ids) for e in encs]
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "kind": "local",
-            "path": str(self.path),
-            "tokenizer_json_sha256": self.sha256,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "start_token_id": self.start_token_id,
-        }
-
-
-class ServerTokenizer:
-    """Tokenize with the server's ``POST /tokenize`` (vLLM), ``add_special_tokens: false``.
-
-    The start token id is taken from ``start_token_id`` or, if that is None, from
-    ``GET /tokenizer_info`` (vLLM serves it with ``--enable-tokenizer-info-endpoint``):
-    its BOS, else EOS, token, looked up with ``/tokenize``. Requests go through the
-    shared retrying transport (:mod:`server.http`; ``policy``, default its defaults).
-    """
-
-    def __init__(
-        self, base_url: str, model: str, *, api_key: str | None = None,
-        start_token_id: int | None = None, timeout: float = 60.0,
-        transport: httpx.BaseTransport | None = None, policy: RetryPolicy | None = None,
-    ) -> None:
-        self.base_url = normalize_base_url(base_url)
-        self.model = model
-        self._client = httpx.Client(base_url=self.base_url, headers=auth_headers(api_key), timeout=timeout,
-                                    transport=RetryTransport(transport, policy))
-        self._start = start_token_id
-
-    @property
-    def start_token_id(self) -> int:  # type: ignore[override]
-        if self._start is None:
-            r = self._client.get("/tokenizer_info")
-            if r.status_code != 200:
-                raise TokenizerError(
-                    f"{self.base_url}/tokenizer_info answered {r.status_code}: the server does not "
-                    "say its BOS/EOS token; give --start-token ID (or a local --tokenizer DIR)"
-                )
-            info = r.json()
-            tok = token_content(info.get("bos_token")) or token_content(info.get("eos_token"))
-            if tok is None:
-                raise TokenizerError(f"{self.base_url}/tokenizer_info names no BOS/EOS token")
-            ids = self._tokenize(tok)
-            if len(ids) != 1:
-                raise TokenizerError(f"start token {tok!r} tokenizes to {ids}, not one id")
-            self._start = ids[0]
-        return self._start
-
-    def _tokenize(self, text: str) -> list[int]:
-        r = self._client.post(
-            "/tokenize", json={"model": self.model, "prompt": text, "add_special_tokens": False}
-        )
-        if r.status_code != 200:
-            raise ServerError(r.status_code, r.text[:500], f"{self.base_url}/tokenize")
-        return [int(t) for t in r.json()["tokens"]]
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenize(text) if text else []
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "server", "url": f"{self.base_url}/tokenize",
-                "start_token_id": self.start_token_id}
-
-    def close(self) -> None:
-        self._client.close()
-
-
-# --------------------------------------------------------------------------- cache
-
-
-def cache_key(model_id: str, neuron_set: str | None, ids: Sequence[int], namespace: str = "") -> str:
-    """SHA-256 of the canonical JSON of (schema, namespace, model, set, ids)."""
-    payload = json.dumps(
-        [_CACHE_SCHEMA, namespace, model_id, neuron_set or "", [int(t) for t in ids]],
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-class ScoreCache:
-    """Prompt log-probabilities in an SQLite file, one row per scored sequence.
-
-    Table ``scores(key TEXT PRIMARY KEY, model TEXT, neuron_set TEXT, n_tokens INT,
-    logprobs TEXT, created REAL)``; ``logprobs`` is the JSON list as returned
-    (first entry ``null``). JSON keeps Python floats exactly. WAL mode, so a reader
-    may look while a run writes; each :meth:`put_many` is one committed transaction.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(self.path), timeout=60.0, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, model TEXT NOT NULL, "
-            "neuron_set TEXT NOT NULL, n_tokens INTEGER NOT NULL, logprobs TEXT NOT NULL, "
-            "created REAL NOT NULL)"
-        )
-        self._conn.commit()
-
-    def get_many(self, keys: Iterable[str]) -> dict[str, list[float | None]]:
-        keys = list(dict.fromkeys(keys))
-        out: dict[str, list[float | None]] = {}
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            q = f"SELECT key, logprobs FROM scores WHERE key IN ({','.join('?' * len(chunk))})"
-            for k, v in self._conn.execute(q, chunk):
-                out[k] = json.loads(v)
-        return out
-
-    def put_many(self, rows: Iterable[tuple[str, str, str | None, list[float | None]]]) -> None:
-        """``rows``: ``(key, model, neuron_set, logprobs)``."""
-        now = time.time()
-        self._conn.executemany(
-            "INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?)",
-            [(k, m, s or "", len(lp), json.dumps(lp), now) for k, m, s, lp in rows],
-        )
-        self._conn.commit()
-
-    def __len__(self) -> int:
-        return int(self._conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0])
-
-    def close(self) -> None:
-        self._conn.close()
 
 
 # --------------------------------------------------------------------------- scorer

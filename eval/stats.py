@@ -1,6 +1,12 @@
-"""Accuracy tables and paired statistics for minimal-pair evaluations.
+"""Accuracy tables, paired statistics and the bootstrap / standard-error helpers of the evaluations.
 
 Only numpy, scipy and pydantic; no torch, no vllm.
+
+Besides the minimal-pair tables below, the analyses take their interval and error
+estimates from here: :func:`bootstrap_mean_ci` (percentile bootstrap CI of a mean,
+e.g. the POS analysis's excess surprisal per tag), :func:`paired_diff_stderr` and
+:func:`unpaired_diff_stderr` (standard errors of a difference of means, e.g. the
+lm_eval task deltas).
 
 A *record* is the result for one pair in one run: anything with the attributes
 (or mapping keys) ``source``, ``paradigm``, ``pair_id``, ``phenomenon`` and a
@@ -16,6 +22,7 @@ same name are never pooled. The ``overall`` row pools every pair.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -31,9 +38,12 @@ __all__ = [
     "PairRecord",
     "RunMismatchError",
     "accuracy_table",
+    "bootstrap_mean_ci",
     "compare_runs",
     "mcnemar",
     "paired_bootstrap_ci",
+    "paired_diff_stderr",
+    "unpaired_diff_stderr",
 ]
 
 OVERALL = "overall"
@@ -211,6 +221,63 @@ def accuracy_table(
 # --------------------------------------------------------------------------- bootstrap
 
 
+def _resampled_means(
+    x: np.ndarray, n_boot: int, rng: np.random.Generator, chunk_elems: int
+) -> np.ndarray:
+    """``n_boot`` bootstrap means of ``x`` (non-empty): each replicate draws ``n``
+    indices uniformly from ``0..n-1`` (with replacement) and averages ``x`` there.
+
+    Drawn in chunks of about ``chunk_elems`` indices (``rng.integers(0, n, (m, n))``)
+    to bound memory; the draws, and so the replicates, are those of the plain loop
+    ``for _ in range(n_boot): reps.append(x[rng.integers(0, n, n)].mean())`` whatever
+    the chunk size. Integer ``x`` is summed in int64 (exact), floats in float64.
+    """
+    n = x.size
+    acc = np.int64 if np.issubdtype(x.dtype, np.integer) else np.float64
+    rows = max(1, int(chunk_elems) // n)
+    reps = np.empty(n_boot, dtype=np.float64)
+    for start in range(0, n_boot, rows):
+        m = min(rows, n_boot - start)
+        idx = rng.integers(0, n, size=(m, n))
+        reps[start : start + m] = x[idx].sum(axis=1, dtype=acc) / n
+    return reps
+
+
+def bootstrap_mean_ci(
+    values: Any,
+    n_boot: int,
+    alpha: float,
+    seed: int | Sequence[int],
+    chunk_elems: int = 1 << 22,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``values`` (one sample, not paired).
+
+    With ``x_1..x_n`` the values, replicate ``r`` resamples ``n`` of them with
+    replacement and takes ``m_r = (1/n) * sum_j x_{I_rj}``, ``I_rj ~ U{1..n}``; the
+    interval is ``(q_{alpha/2}, q_{1-alpha/2})`` of ``m_1..m_{n_boot}`` (numpy's
+    default linear interpolation). Indices come from
+    ``numpy.random.default_rng(seed)`` (``seed`` an int or a sequence of ints, the
+    latter passed as a list) in the order of the plain loop
+    ``for _ in range(n_boot): reps.append(x[rng.integers(0, n, n)].mean())``, drawn
+    in chunks of about ``chunk_elems`` indices (the chunk size changes memory, not
+    the result).
+
+    Returns ``(nan, nan)`` when ``values`` is empty or ``n_boot < 1``, and ``(v, v)``
+    for a single value ``v``. (For a paired difference of two 0/1 correctness
+    vectors use :func:`paired_bootstrap_ci`, which also returns the observed delta.)
+    """
+    x = np.asarray(values, dtype=np.float64)
+    n = x.size
+    if n == 0 or n_boot < 1:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(
+        int(seed) if isinstance(seed, (int, np.integer)) else list(seed)
+    )
+    reps = _resampled_means(x.ravel(), n_boot, rng, chunk_elems)
+    lo, hi = np.quantile(reps, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(lo), float(hi)
+
+
 def paired_bootstrap_ci(
     a_correct: np.ndarray,
     b_correct: np.ndarray,
@@ -260,16 +327,48 @@ def paired_bootstrap_ci(
         counts = rng.multinomial(n, pvals, size=n_boot)
         reps = (counts[:, 2] - counts[:, 0]) / n
     elif method == "index":
-        rows = max(1, int(chunk_elems) // n)
-        reps = np.empty(n_boot, dtype=np.float64)
-        for start in range(0, n_boot, rows):
-            m = min(rows, n_boot - start)
-            idx = rng.integers(0, n, size=(m, n))
-            reps[start : start + m] = d[idx].sum(axis=1, dtype=np.int64) / n
+        reps = _resampled_means(d, n_boot, rng, chunk_elems)
     else:
         raise ValueError(f"unknown method {method!r} (use 'multinomial' or 'index')")
     lo, hi = np.quantile(reps, [alpha / 2.0, 1.0 - alpha / 2.0])
     return delta, float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------- standard errors
+
+
+def paired_diff_stderr(a: Sequence[float], b: Sequence[float]) -> float:
+    """Standard error of ``mean(a) - mean(b)`` when ``a[i]`` and ``b[i]`` are scores of
+    the *same* item ``i`` (paired):
+
+    ``d_i = a_i - b_i``, ``dbar = (1/n) sum d_i``,
+    ``SE = sqrt( sum (d_i - dbar)^2 / (n - 1) / n )`` = ``std(d, ddof=1) / sqrt(n)``.
+
+    It accounts for the correlation between the two sets of scores, so it is
+    (much) smaller than :func:`unpaired_diff_stderr` when the two conditions agree
+    on most items. Sums use :func:`math.fsum` (exactly rounded). Needs ``n >= 2``
+    items and equal lengths (else ``ValueError``).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"a and b differ in length: {len(a)} vs {len(b)}")
+    n = len(a)
+    if n < 2:
+        raise ValueError(f"a paired standard error needs at least 2 items, got {n}")
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = math.fsum(d) / n
+    var = math.fsum((x - mean) ** 2 for x in d) / (n - 1)
+    return math.sqrt(var / n)
+
+
+def unpaired_diff_stderr(se_a: float, se_b: float) -> float:
+    """Standard error of ``mean(a) - mean(b)`` from the two means' own standard errors,
+    treating them as independent: ``SE = sqrt(se_a^2 + se_b^2)`` (``math.hypot``).
+
+    On the same items this ignores the (usually positive) correlation between the
+    two conditions and so overstates the uncertainty; prefer
+    :func:`paired_diff_stderr` when per-item scores exist.
+    """
+    return math.hypot(se_a, se_b)
 
 
 # --------------------------------------------------------------------------- McNemar

@@ -231,10 +231,21 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+def normalize_base_url(url: str) -> str:
+    """``http://h:p``, ``http://h:p/``, ``http://h:p/v1`` and ``.../v1/completions``
+    all become ``http://h:p`` (no trailing slash); the API paths are added here."""
+    u = url.strip().rstrip("/")
+    for suffix in ("/v1/completions", "/v1"):
+        if u.endswith(suffix):
+            u = u[: -len(suffix)]
+    if not u.startswith(("http://", "https://")):
+        u = "http://" + u
+    return u
+
+
 def models_url(base_url: str) -> str:
     """``http://h:p``, ``http://h:p/`` and ``http://h:p/v1`` -> ``http://h:p/v1/models``."""
-    root = base_url.strip().rstrip("/").removesuffix("/v1")
-    return f"{root}/v1/models"
+    return f"{normalize_base_url(base_url)}/v1/models"
 
 
 def parse_model_list(data: Any, url: str) -> list[dict[str, Any]]:

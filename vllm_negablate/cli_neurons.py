@@ -22,8 +22,8 @@ from rich.table import Table
 
 from vllm_negablate.neuron_set import ModelFingerprint, NeuronSet, NeuronSetError
 
-# Kept equal to vllm_negablate.discovery.pipeline's (that module imports torch: loaded lazily
-# so that `negablate --help` stays fast).
+# Kept equal to vllm_negablate.discovery.corpus's (corpora) and .pipeline's (file names) (the
+# discovery modules are loaded lazily so that `negablate --help` stays fast).
 DEFAULT_CORPUS = wikitext("valid")
 DEFAULT_EVAL_CORPUS = wikitext("test")
 STATS_FILE, META_FILE, SETS_DIR = "stats.npz", "stats.json", "sets"
@@ -118,7 +118,8 @@ def find(
 
 # -------------------------------------------------------------------- control
 def _wasserstein_from_stats(stats_dir: Path, top: str | None):
-    from vllm_negablate.discovery.pipeline import load_statistics, wasserstein_set
+    from vllm_negablate.discovery.pipeline import load_statistics
+    from vllm_negablate.discovery.recipes import wasserstein_set
 
     stats, meta = load_statistics(stats_dir)
     if "model" not in meta:
@@ -155,7 +156,7 @@ def control(
     out: Path | None = typer.Option(None, help="Where to write sets (default STATS_DIR/sets)."),
 ) -> None:
     """Build control sets from a discovery run's statistics."""
-    from vllm_negablate.discovery.pipeline import random_control, restrict_layers
+    from vllm_negablate.discovery.recipes import random_control, restrict_layers
 
     wset, meta = _wasserstein_from_stats(stats_dir, top)
     out_dir = out or stats_dir / SETS_DIR
@@ -191,13 +192,10 @@ def control(
 
 def _perplexity_matched(wset, meta, model, eval_corpus, eval_tokens, window, tol, max_iter, seed,
                         include_wasserstein, tp, dtype, kv_cache_mb):
-    from vllm_negablate.discovery.pipeline import (
-        corpus_windows,
-        engine_model_path,
-        offline_perplexity,
-        perplexity_matched_control,
-        sha256_file,
-    )
+    from vllm_negablate.discovery.corpus import corpus_windows
+    from vllm_negablate.discovery.matching import offline_perplexity, perplexity_matched_control
+    from vllm_negablate.discovery.pipeline import engine_model_path
+    from vllm_negablate.paths import sha256_file
 
     model = model or meta.get("model_path")
     if not model:
@@ -301,7 +299,8 @@ def show(
     """Per-layer counts and score summaries; a PNG histogram of W1 per layer."""
     import numpy as np
 
-    from vllm_negablate.discovery.pipeline import load_statistics, percent_label
+    from vllm_negablate.discovery.pipeline import load_statistics
+    from vllm_negablate.neuron_set import percent_label
     from vllm_negablate.discovery.wasserstein import top_percent_mask
 
     if path.suffix == ".json":

@@ -76,6 +76,7 @@ from eval.analysis.tagging import (
     load_tagger,
     prepare_text,
 )
+from eval.stats import bootstrap_mean_ci
 from vllm_negablate.neuron_set import NO_ABLATION
 
 __all__ = [
@@ -261,26 +262,6 @@ class GroupStats(BaseModel):
     ratio_to_all: Optional[float]
 
 
-def bootstrap_mean_ci(values: np.ndarray, n_boot: int, alpha: float, seed: Sequence[int],
-                      chunk_elems: int = 1 << 22) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean (resampling ``values`` with replacement,
-    ``n_boot`` times, with ``numpy.random.default_rng(seed)``); NaNs when empty, and
-    ``(v, v)`` for a single value."""
-    x = np.asarray(values, dtype=np.float64)
-    n = x.size
-    if n == 0 or n_boot < 1:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(list(seed))
-    reps = np.empty(n_boot, dtype=np.float64)
-    rows = max(1, chunk_elems // n)
-    for start in range(0, n_boot, rows):
-        m = min(rows, n_boot - start)
-        idx = rng.integers(0, n, size=(m, n))
-        reps[start:start + m] = x[idx].mean(axis=1)
-    lo, hi = np.quantile(reps, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return float(lo), float(hi)
-
-
 def _stats(**kw: Any) -> GroupStats:
     """GroupStats with every non-finite float (NaN, inf) stored as ``None``."""
     return GroupStats(**{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -288,6 +269,7 @@ def _stats(**kw: Any) -> GroupStats:
 
 
 def _group_seed(seed: int, group: str) -> list[int]:
+    """The bootstrap seed of one group: ``[seed, crc32(group)]`` (see :func:`aggregate`)."""
     return [int(seed), zlib.crc32(group.encode("utf-8"))]
 
 
@@ -300,8 +282,9 @@ def aggregate(tags: Sequence[str], word_ids: Sequence[int], base: Sequence[float
     ``ablated[i]`` (surprisals, nats) describe token ``i``. Rows: every tag present
     (UPOS order, then others sorted), then FUNCTION and CONTENT (if present), then
     ALL. Per-word values sum a word's tokens; a word's tag is its tokens' tag.
-    Bootstrap seeds depend on ``seed`` and the group name only, so a group's CI does
-    not change when other groups come and go.
+    CIs are :func:`eval.stats.bootstrap_mean_ci` over the group's tokens (and, for
+    the per-word columns, its words). Bootstrap seeds depend on ``seed`` and the group
+    name only, so a group's CI does not change when other groups come and go.
     """
     tg = np.asarray(list(tags), dtype=object)
     wid = np.asarray(word_ids, dtype=np.int64)
@@ -438,7 +421,7 @@ def _text_source(cfg: PosConfig) -> tuple[str, Path]:
 
 
 def _server_max_len(server: str, base: str, api_key: str | None) -> int | None:
-    from eval.scoring import normalize_base_url
+    from server.http import normalize_base_url
     from server.http import ModelListError, list_models
 
     url = normalize_base_url(server)
@@ -455,7 +438,7 @@ def _server_max_len(server: str, base: str, api_key: str | None) -> int | None:
 
 class _OffsetEncoder:
     """Token ids *and* character offsets from the same ``tokenizer.json`` the scorer's
-    :class:`~eval.scoring.LocalTokenizer` reads (ids are checked equal to its ids)."""
+    :class:`~eval.tokenizers.LocalTokenizer` reads (ids are checked equal to its ids)."""
 
     def __init__(self, local_tokenizer: Any) -> None:
         from tokenizers import Tokenizer
@@ -493,7 +476,9 @@ def _score_all(scorer: Any, seqs: list[list[int]], prog: Any, desc: str) -> list
 
 def run_pos_analysis(cfg: PosConfig) -> PosReport:
     """Run the whole analysis and write the outputs to ``cfg.out``; returns the report."""
-    from eval.scoring import CompletionsScorer, LocalTokenizer, ScoreCache, TokenizerError, default_cache_path
+    from eval.score_cache import ScoreCache, default_cache_path
+    from eval.scoring import CompletionsScorer
+    from eval.tokenizers import LocalTokenizer, TokenizerError
 
     if "@" in cfg.model:
         raise PosAnalysisError(f"--model is the base model name, without @SET (got {cfg.model!r}); "

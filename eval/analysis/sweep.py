@@ -13,7 +13,7 @@ and share their resume rules:
   (subsample size, seed, window, and the set's content hash); a rerun skips finished
   runs and redoes stale ones, so changing ``--blimp-per-paradigm`` or the neuron set
   never mixes old and new numbers;
-- scores go to an SQLite cache (:class:`eval.scoring.ScoreCache`) keyed by set name
+- scores go to an SQLite cache (:class:`eval.score_cache.ScoreCache`) keyed by set name
   and content hash, so an interrupted run resumes mid-condition.
 
 Like the rest of ``eval`` it talks to models only over HTTP; the server is

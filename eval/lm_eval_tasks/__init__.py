@@ -1,4 +1,6 @@
-"""lm-eval (0.4.x) task definitions that read the offline BLiMP copy.
+"""lm-eval (0.4.x) task definitions that read offline data copies.
 
-See :mod:`eval.lm_eval_tasks.generate` and this folder's README.md.
+BLiMP: :mod:`eval.lm_eval_tasks.generate` (and this folder's README.md). PIQA
+(``piqa_local``) and the ``--include_path`` folder of ``negablate analyze tasks``:
+:mod:`eval.lm_eval_tasks.local`.
 """

@@ -124,7 +124,7 @@ def test_harness_vs_lm_eval(runs):
 
 def test_server_vs_hf(runs, model_dir):
     from eval.data import load_blimp
-    from eval.scoring import LocalTokenizer
+    from eval.tokenizers import LocalTokenizer
 
     run = runs["server_vs_hf"].result()
     run.check()

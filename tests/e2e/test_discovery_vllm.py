@@ -13,14 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vllm_negablate.discovery.pipeline import (
-    find_neurons,
-    load_statistics,
-    make_windows,
-    offline_perplexity,
-    perplexity_matched_control,
-    tokenize_corpus,
-)
+from vllm_negablate.discovery.corpus import make_windows, tokenize_corpus
+from vllm_negablate.discovery.matching import offline_perplexity, perplexity_matched_control
+from vllm_negablate.discovery.pipeline import find_neurons, load_statistics
 from vllm_negablate.discovery.wasserstein import exact_w1_split_columns, top_percent_mask
 from vllm_negablate.neuron_set import NeuronSet
 from vllm_negablate.offline import load_neuron_set, score_prompts

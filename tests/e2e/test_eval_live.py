@@ -153,7 +153,7 @@ def test_blimp_matches_transformers_oracle(harness_run, model_dir, pairs):
 
 
 def test_server_tokenizer_agrees_with_local(server, model_dir, harness_run, pairs):
-    from eval.scoring import ServerTokenizer
+    from eval.tokenizers import ServerTokenizer
 
     sc = harness_run[0]
     st = ServerTokenizer(server, str(model_dir), start_token_id=sc.tokenizer.start_token_id)

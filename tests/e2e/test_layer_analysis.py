@@ -306,7 +306,7 @@ def test_baseline_and_full_set_match_transformers(layers, oracle):
     """Perplexity NLL and pair log-probabilities recomputed with transformers (and the
     oracle's own clamp hooks for the full set), from the token ids tokenized here."""
     from eval.data import load_wikitext_text
-    from eval.scoring import LocalTokenizer
+    from eval.tokenizers import LocalTokenizer
     from eval.tasks import make_windows
     from vllm_negablate.neuron_set import NeuronSet
 

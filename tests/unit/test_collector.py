@@ -20,14 +20,13 @@ from vllm_negablate.discovery.collector import (
     merge_tp_states,
     to_wire,
 )
-from vllm_negablate.discovery.pipeline import (
+from vllm_negablate.discovery.corpus import make_windows, read_corpus_text
+from vllm_negablate.discovery.matching import perplexity_matched
+from vllm_negablate.discovery.recipes import (
     candidate_order,
     fraction_set,
-    make_windows,
     mode_variant,
-    perplexity_matched,
     random_control,
-    read_corpus_text,
     restrict_layers,
     wasserstein_set,
 )
@@ -395,7 +394,8 @@ def test_windows_and_corpus(tmp_path):
 
 def test_cli_constants_match_pipeline():
     from vllm_negablate import cli_neurons
-    from vllm_negablate.discovery import pipeline
+    from vllm_negablate.discovery import corpus, pipeline
 
-    for name in ("DEFAULT_CORPUS", "DEFAULT_EVAL_CORPUS", "STATS_FILE", "META_FILE", "SETS_DIR"):
-        assert getattr(cli_neurons, name) == getattr(pipeline, name)
+    for module, name in ((corpus, "DEFAULT_CORPUS"), (corpus, "DEFAULT_EVAL_CORPUS"),
+                         (pipeline, "STATS_FILE"), (pipeline, "META_FILE"), (pipeline, "SETS_DIR")):
+        assert getattr(cli_neurons, name) == getattr(module, name)

@@ -28,19 +28,13 @@ from typer.testing import CliRunner
 from eval.cli import app
 from eval.compare import compare_dirs
 from eval.data import MinimalPair
-from eval.scoring import (
-    CompletionsScorer,
-    LocalTokenizer,
-    ScoreCache,
-    ScoringError,
-    ServerError,
-    ServerTokenizer,
-    TokenizerError,
-    normalize_base_url,
-    split_model,
-)
+from eval.score_cache import ScoreCache
+from eval.scoring import CompletionsScorer, split_model
 from eval.stats import compare_runs
 from eval.tasks import evaluate_pairs, evaluate_perplexity, make_windows, write_pair_run
+from eval.errors import ScoringError, ServerError
+from eval.tokenizers import LocalTokenizer, ServerTokenizer, TokenizerError
+from server.http import normalize_base_url
 
 REPO = Path(__file__).resolve().parents[2]
 BOS, EOS = 2, 1

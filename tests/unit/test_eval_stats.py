@@ -12,9 +12,12 @@ from eval.stats import (
     PairRecord,
     RunMismatchError,
     accuracy_table,
+    bootstrap_mean_ci,
     compare_runs,
     mcnemar,
     paired_bootstrap_ci,
+    paired_diff_stderr,
+    unpaired_diff_stderr,
 )
 
 
@@ -266,3 +269,74 @@ def test_compare_runs_alternate_correct_field_and_sources():
     assert [r.group for r in rows] == ["tse-ml:agr", "tse:agr", "overall"]
     assert all(r.delta == 0 and r.p_value == 1.0 for r in rows)
     assert rows[-1].acc_a == pytest.approx(16 / 24)  # i % 3 != 0 for 8 of 12, per source
+
+
+# --------------------------------------------------------------------------- one-sample bootstrap
+
+
+def test_bootstrap_mean_ci_is_the_plain_loop_draw_for_draw():
+    x = np.random.default_rng(11).normal(0.3, 1.0, 53)
+    for seed in (7, [7, 123456]):
+        rng = np.random.default_rng(seed)
+        reps = [x[rng.integers(0, x.size, x.size)].mean() for _ in range(400)]
+        want = tuple(float(q) for q in np.quantile(reps, [0.05, 0.95]))
+        for chunk in (1, 53 * 6, 1 << 22):  # one replicate per chunk, 6 per chunk, all at once
+            assert bootstrap_mean_ci(x, 400, 0.1, seed, chunk_elems=chunk) == want
+    # numpy integer seeds count as int seeds
+    assert bootstrap_mean_ci(x, 50, 0.1, 3) == bootstrap_mean_ci(x, 50, 0.1, np.int64(3))
+
+
+def test_bootstrap_mean_ci_numbers():
+    # x = (0, 1): a replicate mean is 0, 1/2 or 1 with probabilities 1/4, 1/2, 1/4, so the
+    # 30% and 70% quantiles (alpha = 0.6) are both 1/2.
+    assert bootstrap_mean_ci([0.0, 1.0], 4000, 0.6, 0) == (0.5, 0.5)
+    # large n: percentile CI ~ mean +- z * sd(ddof=0) / sqrt(n) (normal approximation)
+    x = np.random.default_rng(2).exponential(1.0, 2000)
+    lo, hi = bootstrap_mean_ci(x, 4000, 0.05, 1)
+    half = 1.959964 * x.std() / math.sqrt(x.size)
+    assert lo == pytest.approx(x.mean() - half, abs=0.01 * half + 0.003)
+    assert hi == pytest.approx(x.mean() + half, abs=0.01 * half + 0.003)
+    # and scipy's own percentile bootstrap (other draws) agrees to Monte Carlo error
+    from scipy.stats import bootstrap
+
+    ref = bootstrap((x,), np.mean, n_resamples=4000, method="percentile", confidence_level=0.95,
+                    random_state=np.random.default_rng(5)).confidence_interval
+    assert lo == pytest.approx(ref.low, abs=0.006) and hi == pytest.approx(ref.high, abs=0.006)
+    # degenerate inputs
+    assert bootstrap_mean_ci([2.5], 100, 0.05, 0) == (2.5, 2.5)
+    assert bootstrap_mean_ci(np.full(9, -1.25), 100, 0.05, 0) == (-1.25, -1.25)
+    assert all(math.isnan(v) for v in bootstrap_mean_ci([], 100, 0.05, 0))
+    assert all(math.isnan(v) for v in bootstrap_mean_ci([1.0, 2.0], 0, 0.05, 0))
+
+
+# --------------------------------------------------------------------------- standard errors
+
+
+def test_paired_diff_stderr_by_hand_and_against_numpy():
+    # d = (1, 0, 0, 1): mean 1/2, sample variance 4 * (1/4) / 3 = 1/3, SE = sqrt(1/3 / 4) = sqrt(1/12)
+    assert paired_diff_stderr([1, 0, 1, 1], [0, 0, 1, 0]) == pytest.approx(math.sqrt(1 / 12), rel=1e-15)
+    assert paired_diff_stderr([1, 0, 1, 1], [0, 0, 1, 0]) == pytest.approx(0.28867513459481287, rel=1e-15)
+    rng = np.random.default_rng(4)
+    a = rng.random(500)
+    b = 0.8 * a + 0.2 * rng.random(500)
+    d = a - b
+    want = d.std(ddof=1) / math.sqrt(d.size)
+    from scipy.stats import sem
+
+    assert paired_diff_stderr(a.tolist(), b.tolist()) == pytest.approx(want, rel=1e-12)
+    assert paired_diff_stderr(a, b) == pytest.approx(sem(d), rel=1e-12)
+    # correlated scores: much tighter than the unpaired SE of the two means
+    unpaired = unpaired_diff_stderr(a.std(ddof=1) / math.sqrt(500), b.std(ddof=1) / math.sqrt(500))
+    assert paired_diff_stderr(a, b) < 0.5 * unpaired
+    assert paired_diff_stderr([0.3, 0.7, 0.1], [0.3, 0.7, 0.1]) == 0.0
+    assert paired_diff_stderr([1.0, 2.0], [0.0, 0.0]) == pytest.approx(0.5)  # sd(1, 2) = 1/sqrt(2)
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_diff_stderr([1.0], [0.0])
+    with pytest.raises(ValueError, match="length"):
+        paired_diff_stderr([1.0, 2.0], [0.0])
+
+
+def test_unpaired_diff_stderr():
+    assert unpaired_diff_stderr(0.03, 0.04) == pytest.approx(0.05, rel=1e-15)
+    assert unpaired_diff_stderr(0.05, 0.05) == pytest.approx(math.sqrt(0.005), rel=1e-15)
+    assert unpaired_diff_stderr(0.0, 0.02) == 0.02

@@ -14,7 +14,6 @@ import pytest
 from eval.analysis.pos import (
     aggregate,
     align_tokens,
-    bootstrap_mean_ci,
     build_chunks,
     plot_pos,
 )
@@ -29,6 +28,7 @@ from eval.analysis.tagging import (
     prepare_wikitext,
 )
 from eval.data import default_data_dir
+from eval.stats import bootstrap_mean_ci
 
 DATA = default_data_dir()
 HAVE_POS_DATA = (DATA / "pos-tagging" / "ptb_to_upos.tsv").is_file()

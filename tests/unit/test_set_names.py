@@ -9,7 +9,7 @@ from eval.analysis.dynamics import condition_set_names
 from eval.analysis.layers import default_base_set
 from eval.reproduce_config import ReproduceConfig, condition_sets
 from vllm_negablate import set_names
-from vllm_negablate.discovery.pipeline import mode_variant, random_control, restrict_layers, wasserstein_set
+from vllm_negablate.discovery.recipes import mode_variant, random_control, restrict_layers, wasserstein_set
 from vllm_negablate.neuron_set import ModelFingerprint
 
 FP = ModelFingerprint(architecture="LlamaForCausalLM", num_layers=3, intermediate_size=100)

@@ -23,10 +23,13 @@ from typing import Any
 
 import pytest
 
-from eval.scoring import CompletionsScorer, LocalTokenizer, TokenizerError
+from eval.scoring import CompletionsScorer
+from eval.tokenizers import LocalTokenizer, TokenizerError
 from vllm_negablate import cli_neurons, models
 from vllm_negablate import start_token as st
-from vllm_negablate.discovery import pipeline
+from vllm_negablate.discovery import matching, pipeline
+from vllm_negablate.discovery.corpus import corpus_windows
+from vllm_negablate.discovery.errors import DiscoveryError
 from vllm_negablate.testing.tiny_models import BOS_ID, EOS_ID, build_tiny_model
 
 SMOL_START = models.get_spec("smollm2-135m").start_token_id  # <|endoftext|>
@@ -125,7 +128,7 @@ def test_eval_and_analyses_agree(dirs, kind):
 @pytest.mark.parametrize("kind", sorted(EXPECTED))
 def test_discovery_windows_agree(dirs, corpus, kind):
     d, want = dirs[kind], EXPECTED[kind]
-    cut = pipeline.corpus_windows(_hf_tokenizer(d), d, corpus, WINDOW, max_tokens=200)
+    cut = corpus_windows(_hf_tokenizer(d), d, corpus, WINDOW, max_tokens=200)
     assert cut.start_id == want and len(cut.windows) > 3
     assert [w[0] for w in cut.windows] == [want] * len(cut.windows)
     assert all(want not in w[1:] for w in cut.windows)  # the text itself has no specials
@@ -159,7 +162,7 @@ def test_perplexity_matching_windows_agree(dirs, corpus, kind, monkeypatch):
         raise _Stop
 
     monkeypatch.setattr(cli_neurons, "_make_llm", lambda model, **kw: _fake_llm(Path(model)))
-    monkeypatch.setattr(pipeline, "offline_perplexity", offline_perplexity)
+    monkeypatch.setattr(matching, "offline_perplexity", offline_perplexity)
     with pytest.raises(_Stop):
         cli_neurons._perplexity_matched(
             None, {"model_path": str(d)}, None, corpus, 200, WINDOW, 0.01, 4, 0, False, 1,
@@ -193,8 +196,8 @@ def test_no_bos_no_eos_is_a_clear_error(dirs, tmp_path):
         st.start_token_id(d)
     with pytest.raises(TokenizerError, match="--start-token"):
         LocalTokenizer(d)
-    with pytest.raises(pipeline.DiscoveryError, match="neither a BOS nor an EOS"):
-        pipeline.corpus_windows(None, d, tmp_path / "unused.txt", WINDOW)
+    with pytest.raises(DiscoveryError, match="neither a BOS nor an EOS"):
+        corpus_windows(None, d, tmp_path / "unused.txt", WINDOW)
 
 
 def test_vocabulary_lookup_forms(tmp_path):

@@ -1,0 +1,238 @@
+"""The perplexity-matched control: random neurons that hurt perplexity as much as a set.
+
+:func:`perplexity_matched_control` takes random non-Wasserstein neurons, the fraction found
+by :func:`perplexity_matched` (bisection, or a log-scale search from a start fraction) so
+that the ablated perplexity (:func:`offline_perplexity`, on held-out windows) matches the
+Wasserstein set's. Its own module because it is a search with its own stopping rules, run
+on an engine after discovery; the sets it tries come from
+:mod:`vllm_negablate.discovery.recipes`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_negablate import set_names
+from vllm_negablate.discovery.recipes import candidate_order, fraction_set
+from vllm_negablate.neuron_set import NeuronSet
+
+__all__ = [
+    "MatchResult",
+    "perplexity_matched",
+    "offline_perplexity",
+    "perplexity_matched_control",
+]
+
+
+@dataclass
+class MatchResult:
+    """Outcome of :func:`perplexity_matched`."""
+
+    fraction: float
+    perplexity: float
+    target: float
+    converged: bool
+    iterations: int  # score_fn calls
+    history: list[tuple[float, float]] = field(default_factory=list)
+    reason: str = ""
+
+
+
+def perplexity_matched(
+    score_fn: Callable[[float], float],
+    target_ppl: float,
+    candidates_order: Mapping[int, Sequence[int]] | int | None = None,
+    lo_frac: float = 0.0,
+    hi_frac: float = 1.0,
+    tol: float = 0.01,
+    max_iter: int = 20,
+    *,
+    relative: bool = True,
+    progress: Callable[[int, float, float], None] | None = None,
+    start_frac: float | None = None,
+) -> MatchResult:
+    """Bisection over the fraction ``f`` of candidates until ``score_fn(f)`` hits the target.
+
+    With ``start_frac`` (e.g. the Wasserstein set's own size) the search starts there and
+    works on a log scale instead: it multiplies or divides ``f`` by 4 until the target is
+    bracketed, then bisects geometrically. The matched count can be anywhere from a few
+    neurons to most of the model, and a linear bisection from ``[0, 1]`` spends its first
+    steps far from a small count (seen on Gemma 3 270M: six steps ended at 1/16 of the
+    candidates, still 2x the target perplexity).
+
+    ``score_fn(f)`` must increase with ``f`` (ablating more neurons hurts more). Stops when
+    ``|ppl - target| <= tol * target`` (``relative``) or ``<= tol``; when ``max_iter``
+    calls of ``score_fn`` are spent; or when the bracket is narrower than one neuron
+    (``candidates_order``: the per-layer candidate lists, whose total length sets that
+    resolution as in :func:`fraction_set`, or the number of candidates; fractions are
+    snapped to it). The bracket is checked first:
+    ``score_fn(hi_frac)`` (the target may be out of reach), then ``score_fn(lo_frac)``.
+    Returns the best point seen, ``converged`` saying whether it is within ``tol``.
+    """
+    if not 0.0 <= lo_frac < hi_frac:
+        raise ValueError(f"need 0 <= lo_frac < hi_frac, got {lo_frac}, {hi_frac}")
+    if max_iter < 1:
+        raise ValueError("max_iter must be >= 1")
+    if candidates_order is None:
+        n_res = None
+    elif isinstance(candidates_order, int):
+        n_res = candidates_order
+    else:
+        n_res = sum(len(v) for v in candidates_order.values()) or None
+    target = float(target_ppl)
+    limit = tol * abs(target) if relative else tol
+
+    def snap(f: float) -> float:
+        return f if n_res is None else round(f * n_res) / n_res
+
+    history: list[tuple[float, float]] = []
+
+    def evaluate(f: float) -> float:
+        p = float(score_fn(f))
+        history.append((f, p))
+        if progress is not None:
+            progress(len(history), f, p)
+        return p
+
+    def result(converged: bool, reason: str) -> MatchResult:
+        f, p = min(history, key=lambda fp: (abs(fp[1] - target), fp[0]))
+        return MatchResult(f, p, target, converged and abs(p - target) <= limit,
+                           len(history), history, reason)
+
+    if start_frac is not None:
+        return _search_from_start(start_frac, lo_frac, hi_frac, target, limit, max_iter, n_res,
+                                  snap, evaluate, result, history)
+    lo, hi = snap(lo_frac), snap(hi_frac)
+    p_hi = evaluate(hi)
+    if abs(p_hi - target) <= limit:
+        return result(True, "hi_frac within tolerance")
+    if p_hi < target or math.isnan(p_hi):
+        return result(False, f"target not reached: perplexity {p_hi:.4g} at fraction {hi:.4g}")
+    if len(history) >= max_iter:
+        return result(False, "max_iter")
+    p_lo = evaluate(lo)
+    if abs(p_lo - target) <= limit:
+        return result(True, "lo_frac within tolerance")
+    if p_lo > target:
+        return result(False, f"already above target at fraction {lo:.4g} ({p_lo:.4g})")
+    return _bisect(lo, hi, target, limit, max_iter, snap, evaluate, result, history, geometric=False)
+
+
+def _search_from_start(start_frac, lo_frac, hi_frac, target, limit, max_iter, n_res, snap,
+                       evaluate, result, history, growth: float = 4.0) -> MatchResult:
+    """The log-scale search of :func:`perplexity_matched` (see there).
+
+    ``lo_frac`` is taken to be below the target without evaluating it (the target is an
+    ablated perplexity, so above the unablated one).
+    """
+    smallest = max(lo_frac, 1.0 / n_res if n_res else 1e-6)  # one neuron
+    f = snap(min(hi_frac, max(smallest, start_frac)))
+    lo, hi = lo_frac, None
+    while True:  # bracket the target by factors of `growth`
+        p = evaluate(f)
+        if abs(p - target) <= limit:
+            return result(True, "within tolerance")
+        if p < target:
+            lo = f
+            if hi is not None:
+                break
+            if f >= hi_frac:
+                return result(False, f"target not reached: perplexity {p:.4g} at fraction {f:.4g}")
+            f = snap(min(hi_frac, f * growth))
+        else:
+            hi = f
+            if lo > lo_frac:
+                break
+            if f <= smallest:
+                return result(False, f"already above target with one neuron ({p:.4g})")
+            f = snap(max(smallest, f / growth))
+        if len(history) >= max_iter:
+            return result(False, "max_iter")
+    return _bisect(lo, hi, target, limit, max_iter, snap, evaluate, result, history, geometric=True)
+
+
+def _bisect(lo, hi, target, limit, max_iter, snap, evaluate, result, history,
+            geometric: bool) -> MatchResult:
+    """Shrink the bracket ``lo < target < hi`` until the tolerance, ``max_iter`` calls or
+    one-neuron resolution; ``geometric`` halves it on a log scale (where ``lo > 0``)."""
+    while len(history) < max_iter:
+        mid = snap(math.sqrt(lo * hi) if geometric and lo > 0 else 0.5 * (lo + hi))
+        if not lo < mid < hi:
+            return result(False, "bracket narrower than one neuron")
+        p = evaluate(mid)
+        if abs(p - target) <= limit:
+            return result(True, "within tolerance")
+        if p < target:
+            lo = mid
+        else:
+            hi = mid
+    return result(False, "max_iter")
+
+
+def offline_perplexity(llm: Any, windows: Sequence[Sequence[int]],
+                       neuron_set_name: str | None = None) -> float:
+    """``exp`` of the mean NLL over all predicted tokens of ``windows`` (first token of
+    each window is context only), with ``neuron_set_name`` applied (None: no ablation)."""
+    from vllm_negablate.offline import score_prompts
+
+    rows = score_prompts(llm, windows, neuron_set=neuron_set_name)
+    nll = [-lp for row in rows for lp in row if lp is not None]
+    if not nll:
+        raise ValueError("no predicted tokens (windows of length < 2)")
+    return float(math.exp(sum(nll) / len(nll)))
+
+
+def perplexity_matched_control(
+    llm: Any,
+    base: NeuronSet,
+    windows: Sequence[Sequence[int]],
+    *,
+    seed: int = 0,
+    include_wasserstein: bool = False,
+    lo_frac: float = 0.0,
+    hi_frac: float = 1.0,
+    tol: float = 0.02,
+    max_iter: int = 12,
+    name: str | None = None,
+    probe_name: str = "negablate-ppl-probe",
+    eval_source: Mapping[str, Any] | None = None,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> tuple[NeuronSet, MatchResult]:
+    """Random non-``base`` neurons whose ablated perplexity on ``windows`` matches ``base``'s.
+
+    Loads ``base`` and a probe set (re-loaded under ``probe_name`` for every fraction) into
+    the engine; the probe is unloaded at the end. ``windows`` should be held-out text
+    (not the text the neurons were selected on).
+    """
+    from vllm_negablate.offline import load_neuron_set, unload_neuron_set
+
+    load_neuron_set(llm, base)
+    target = offline_perplexity(llm, windows, base.name)
+    order = candidate_order(base, seed=seed, include_wasserstein=include_wasserstein)
+
+    def score(f: float) -> float:
+        probe = fraction_set(base, order, f, probe_name, seed=seed)
+        load_neuron_set(llm, probe)
+        return offline_perplexity(llm, windows, probe_name)
+
+    try:
+        n_candidates = sum(len(v) for v in order.values())
+        start = base.num_neurons() / n_candidates if n_candidates else None  # equal count first
+        match = perplexity_matched(score, target, order, lo_frac, hi_frac, tol, max_iter,
+                                   progress=progress, start_frac=start)
+    finally:
+        try:
+            unload_neuron_set(llm, probe_name)
+        except Exception:  # never loaded (first score failed)
+            pass
+    label = base.provenance.source.get("top_percent")
+    if name is None:
+        name = set_names.perplexity_matched(label, seed, base=base.name)
+    extra = {"target_perplexity": target, "perplexity": match.perplexity,
+             "converged": match.converged, "iterations": match.iterations,
+             "tolerance": tol, "eval_tokens": int(sum(len(w) for w in windows)),
+             "eval_windows": len(windows), **dict(eval_source or {})}
+    return fraction_set(base, order, match.fraction, name, seed=seed, extra=extra), match
