@@ -17,9 +17,9 @@ from pathlib import Path
 from server.launcher import ensure_worker_slots
 from server.registry import DEFAULT_WAIT_TIMEOUT, SetRegistry
 from server.routes import router
-from vllm_negablate.settings import get_settings
 from vllm_negablate import vllm_adapter
 from vllm_negablate.neuron_set import NO_ABLATION
+from vllm_negablate.settings import get_settings
 
 logger = logging.getLogger("negablate.server")
 

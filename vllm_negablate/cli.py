@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -36,12 +37,12 @@ def _mount_optional(module: str, attr: str, name: str, help_: str) -> None:
     app.add_typer(sub, name=name, help=help_)
 
 
-def _mount_command(module: str, attr: str, name: str) -> None:
+def _mount_command(module: str, attr: str, name: str, **options: Any) -> None:
     """A single command defined in another package (``negablate reproduce`` lives in eval)."""
     import importlib
 
     try:
-        app.command(name)(getattr(importlib.import_module(module), attr))
+        app.command(name, **options)(getattr(importlib.import_module(module), attr))
     except ImportError as exc:
         def unavailable() -> None:
             raise typer.Exit(f"negablate {name} is unavailable: {exc}")
@@ -69,12 +70,13 @@ def serve(ctx: typer.Context) -> None:
     """Serve MODEL with vLLM's OpenAI API plus the neuron-set control API.
 
     negablate serve MODEL [--neuron-sets DIR] [--admin-key KEY] [--max-sets N]
-    [any `vllm serve` argument]. Binds 127.0.0.1:8000 unless --host/--port say
-    otherwise. `negablate serve --help` lists every option.
+    [--set-wait-timeout S] [any `vllm serve` argument]. Binds 127.0.0.1:8000 unless
+    --host/--port say otherwise. `negablate serve --help` lists every option.
     """
-    from server.app import main as serve_main
+    import importlib
 
-    serve_main(list(ctx.args))
+    # by name, at call time: the server (and torch, vLLM) load only for this command
+    importlib.import_module("server.app").main(list(ctx.args))
 
 
 @app.command()
