@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from vllm_negablate import set_names
+from vllm_negablate import defaults, set_names
 
 
 class ReproduceConfig(BaseModel):
@@ -29,7 +29,7 @@ class ReproduceConfig(BaseModel):
     dtype: str = "float32"
     top_percent: float = 1.0
     discovery_tokens: int = 32_768
-    window: int = 512
+    window: int = defaults.WINDOW_TOKENS
     blimp_per_paradigm: int = 15
     tse_per_test: int = 20
     ppl_windows: int = 8

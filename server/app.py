@@ -17,7 +17,7 @@ from pathlib import Path
 from server.launcher import ensure_worker_slots
 from server.registry import DEFAULT_WAIT_TIMEOUT, SetRegistry
 from server.routes import router
-from vllm_negablate import vllm_adapter
+from vllm_negablate import defaults, vllm_adapter
 from vllm_negablate.neuron_set import NO_ABLATION
 from vllm_negablate.settings import get_settings
 
@@ -27,7 +27,7 @@ MIDDLEWARE = "server.middleware.NegablateMiddleware"
 
 # CPU-friendly defaults, applied only when the user did not pass the flag.
 CPU_DEFAULTS = {
-    "--kv-cache-memory-bytes": str(512 * 2**20),
+    "--kv-cache-memory-bytes": str(defaults.KV_CACHE_MB * 2**20),
 }
 
 
@@ -84,7 +84,7 @@ def parse_args(argv: list[str]):
                        help="Directory of NeuronSet JSON files: loaded at start, uploads saved there.")
     group.add_argument("--admin-key", default=None,
                        help="Bearer token for the control API (else NEGABLATE_ADMIN_KEY; none: read-only).")
-    group.add_argument("--max-sets", type=int, default=8,
+    group.add_argument("--max-sets", type=int, default=defaults.MAX_RESIDENT_SETS,
                        help="Neuron sets resident on the workers at once. A request for a set that "
                             "is not resident waits in line (FIFO) until a slot frees up: the least "
                             "recently used idle set is unloaded, busy ones are drained first.")

@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from vllm_negablate import defaults
+
 ENV_CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 ENV_WORKER_SLOTS = "NEGABLATE_WORKER_SLOTS"
 ENV_WORKER_SLOTS_OLD = "NEGABLATE_MAX_SETS"  # the variable's old name, still read
@@ -180,7 +182,8 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def serve(model_dir: str | Path, *extra: str, log_path: str | Path, max_sets: int = 8,
+def serve(model_dir: str | Path, *extra: str, log_path: str | Path,
+          max_sets: int = defaults.MAX_RESIDENT_SETS,
           timeout: float = 900.0, bind_all_cores: bool = False, announce: Any = None,
           **kwargs: Any) -> Iterator[ServerProcess]:
     """A started :class:`ServerProcess` for the ``with`` block.

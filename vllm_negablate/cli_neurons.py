@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vllm_negablate import defaults
 from vllm_negablate.paths import wikitext
 
 import typer
@@ -77,16 +78,16 @@ def find(
     top: str = typer.Option("1%", help="Percent of neurons per layer to select, e.g. 1%."),
     out: Path = typer.Option(..., help="Output directory (stats.npz, stats.json, sets/)."),
     max_tokens: int = typer.Option(131_072, help="Tokens to observe (0: the whole corpus)."),
-    window: int = typer.Option(512, help="Tokens per window, BOS included (< the model's "
+    window: int = typer.Option(defaults.WINDOW_TOKENS, help="Tokens per window, BOS included (< the model's "
                                "max length: one token is generated)."),
     tp: int = typer.Option(1, help="Tensor-parallel size."),
     seed: int = typer.Option(0, help="Seed of the random control set."),
     include_wasserstein: bool = typer.Option(
         False, help="Random control may draw Wasserstein neurons too (reference behaviour)."),
     dtype: str = typer.Option("auto", help="Model dtype (auto, bfloat16, float32, ...)."),
-    kv_cache_mb: int = typer.Option(512, help="KV-cache size in MiB."),
+    kv_cache_mb: int = typer.Option(defaults.KV_CACHE_MB, help="KV-cache size in MiB."),
     nbins: int = typer.Option(2048, help="Histogram bins per neuron."),
-    warmup: int = typer.Option(512, help="Warm-up tokens that fit each neuron's grid."),
+    warmup: int = typer.Option(defaults.WARMUP_TOKENS, help="Warm-up tokens that fit each neuron's grid."),
     collect: str = typer.Option("scores", help="'scores' (finalize on workers) or 'state'."),
     keep_exact: int = typer.Option(0, help="Keep the first N raw values per neuron (error check)."),
 ) -> None:
@@ -145,12 +146,12 @@ def control(
     model: str | None = typer.Option(None, help="perplexity-matched: model (default: as found)."),
     eval_corpus: Path = typer.Option(DEFAULT_EVAL_CORPUS, help="Held-out text for perplexity."),
     eval_tokens: int = typer.Option(16_384, help="perplexity-matched: tokens to evaluate on."),
-    window: int = typer.Option(512, help="perplexity-matched: window length."),
+    window: int = typer.Option(defaults.WINDOW_TOKENS, help="perplexity-matched: window length."),
     tol: float = typer.Option(0.01, help="perplexity-matched: relative tolerance."),
     max_iter: int = typer.Option(12, help="perplexity-matched: perplexity evaluations at most."),
     tp: int = typer.Option(1),
     dtype: str = typer.Option("auto"),
-    kv_cache_mb: int = typer.Option(512),
+    kv_cache_mb: int = typer.Option(defaults.KV_CACHE_MB),
     save_unconverged: bool = typer.Option(
         False, help="perplexity-matched: write the closest set even if not within --tol."),
     out: Path | None = typer.Option(None, help="Where to write sets (default STATS_DIR/sets)."),

@@ -41,8 +41,8 @@ import typer
 from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
+from vllm_negablate import defaults, set_names
 from vllm_negablate.models import recorded_start_token
-from vllm_negablate import set_names
 from vllm_negablate.neuron_set import NeuronSet, percent_label
 
 from eval.analysis.sweep import (
@@ -137,11 +137,11 @@ class DynamicsConfig(BaseModel):
     out: Path = Path("report/dynamics")
     top_percent: float = 1.0
     discovery_tokens: int = 32_768
-    discovery_window: int = 512
+    discovery_window: int = defaults.WINDOW_TOKENS
     corpus: Path | None = None  # default: WikiText-2 valid in the data dir
     settings: EvalSettings = EvalSettings()
     dtype: str = "float32"
-    kv_cache_mb: int = 512
+    kv_cache_mb: int = defaults.KV_CACHE_MB
     max_model_len: int | None = None
     cpu_bind_all_cores: bool = True
 
@@ -386,16 +386,16 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("report/dynamics"), "--out", help="Output folder (rerun to resume)."),
         top: float = typer.Option(1.0, help="Percent of neurons per layer in each checkpoint's Wasserstein set."),
         discovery_tokens: int = typer.Option(32768, help="WikiText-2 valid tokens observed per checkpoint."),
-        discovery_window: int = typer.Option(512, help="Tokens per discovery window."),
+        discovery_window: int = typer.Option(defaults.WINDOW_TOKENS, help="Tokens per discovery window."),
         corpus: Path | None = typer.Option(None, help="Discovery corpus (default: WikiText-2 valid)."),
         blimp_per_paradigm: int = typer.Option(10, help="BLiMP pairs per paradigm (67 paradigms)."),
         ppl_windows: int = typer.Option(4, help="WikiText-2 test windows for perplexity (0: skip)."),
-        window: int = typer.Option(512, help="Tokens per perplexity window (start token included)."),
+        window: int = typer.Option(defaults.WINDOW_TOKENS, help="Tokens per perplexity window (start token included)."),
         seed: int = typer.Option(0, help="Seed of the random control, the BLiMP subsample and the bootstrap."),
         n_boot: int = typer.Option(2000, help="Bootstrap replicates for the CIs."),
         concurrency: int = typer.Option(2, help="Requests in flight."),
         dtype: str = typer.Option("float32", help="Model dtype (discovery and serving)."),
-        kv_cache_mb: int = typer.Option(512, help="KV cache per engine (MiB)."),
+        kv_cache_mb: int = typer.Option(defaults.KV_CACHE_MB, help="KV cache per engine (MiB)."),
         max_model_len: int | None = typer.Option(None, help="Server max_model_len (default: the model's)."),
         cpu_bind_all_cores: bool = typer.Option(True, help="On CPU, give vLLM's worker every core."),
     ) -> None:

@@ -36,8 +36,8 @@ import typer
 from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
+from vllm_negablate import defaults, set_names
 from vllm_negablate.models import recorded_start_token
-from vllm_negablate import set_names
 from vllm_negablate.neuron_set import NeuronSet
 
 from eval.analysis.sweep import (
@@ -75,7 +75,7 @@ class LayersConfig(BaseModel):
     served_name: str | None = None  # its base model name (default: from /v1/models)
     admin_key: str | None = None  # upload missing sets to --server
     dtype: str = "float32"
-    kv_cache_mb: int = 512
+    kv_cache_mb: int = defaults.KV_CACHE_MB
     max_model_len: int | None = None
     max_sets: int | None = None  # resident sets (default: all of them)
     cpu_bind_all_cores: bool = True
@@ -314,7 +314,7 @@ def register(app: typer.Typer) -> None:
                                                          "(default: 1..L)."),
         blimp_per_paradigm: int = typer.Option(10, help="BLiMP pairs per paradigm (67 paradigms)."),
         ppl_windows: int = typer.Option(4, help="WikiText-2 test windows for perplexity (0: skip)."),
-        window: int = typer.Option(512, help="Tokens per perplexity window (start token included)."),
+        window: int = typer.Option(defaults.WINDOW_TOKENS, help="Tokens per perplexity window (start token included)."),
         seed: int = typer.Option(0, help="Seed of the BLiMP subsample and the bootstrap."),
         n_boot: int = typer.Option(2000, help="Bootstrap replicates for the CIs."),
         concurrency: int = typer.Option(2, help="Requests in flight."),
@@ -326,7 +326,7 @@ def register(app: typer.Typer) -> None:
         admin_key: str | None = typer.Option(None, envvar="NEGABLATE_ADMIN_KEY",
                                              help="--server: admin key to upload missing sets."),
         dtype: str = typer.Option("float32", help="Model dtype of the started server."),
-        kv_cache_mb: int = typer.Option(512, help="KV cache of the started server (MiB)."),
+        kv_cache_mb: int = typer.Option(defaults.KV_CACHE_MB, help="KV cache of the started server (MiB)."),
         max_model_len: int | None = typer.Option(None, help="Started server's max_model_len "
                                                             "(default: the model's)."),
         max_sets: int | None = typer.Option(None, help="Resident sets on the workers (default: all; "

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from vllm_negablate import defaults
 from vllm_negablate.neuron_set import NO_ABLATION, NeuronSet
 
 from eval.data import default_data_dir, load_blimp, load_tse_ml, load_wikitext_text, stratified_subsample
@@ -59,7 +60,7 @@ class EvalSettings(BaseModel):
     blimp_per_paradigm: int = 10
     tse_per_test: int = 0
     ppl_windows: int = 4
-    window: int = 512
+    window: int = defaults.WINDOW_TOKENS
     seed: int = 0
     n_boot: int = 2000
     concurrency: int = 2
@@ -178,8 +179,9 @@ def _api_key() -> str | None:
 
 @contextlib.contextmanager
 def serve(model_dir: Path, sets_dir: Path, log: Path, *, served_name: str = "model",
-          dtype: str = "float32", kv_cache_mb: int = 512, max_model_len: int | None = None,
-          max_sets: int = 8, timeout: float = 900.0) -> Iterator[str]:
+          dtype: str = "float32", kv_cache_mb: int = defaults.KV_CACHE_MB,
+          max_model_len: int | None = None, max_sets: int = defaults.MAX_RESIDENT_SETS,
+          timeout: float = 900.0) -> Iterator[str]:
     """``negablate serve MODEL --neuron-sets SETS`` (see :func:`server.launcher.serve`); yields its URL."""
     from server.launcher import serve as launch
 

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from vllm_negablate import defaults
 from vllm_negablate.discovery.streaming import StreamingW1Estimator
 
 logger = logging.getLogger("vllm_negablate")
@@ -75,7 +76,7 @@ class ObserverConfig(BaseModel):
     layers: list[int] | None = Field(default=None, description="Only these layers (None: all).")
     # StreamingW1Estimator settings
     nbins: int = 2048
-    warmup_tokens: int = 512
+    warmup_tokens: int = defaults.WARMUP_TOKENS
     core_scale: float = 1.0
     range_std: float = 1.0e5
     lattice: str | None = "auto"

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from vllm_negablate import set_names, vllm_adapter
+from vllm_negablate import defaults, set_names, vllm_adapter
 from vllm_negablate.discovery.collector import (
     ObserverConfig,
     from_wire,
@@ -164,7 +164,7 @@ def find_neurons(
     llm: Any,
     corpus_path: str | Path = DEFAULT_CORPUS,
     *,
-    window_tokens: int = 512,
+    window_tokens: int = defaults.WINDOW_TOKENS,
     max_tokens: int | None = 131_072,
     top_percent: float = 1.0,
     seed: int = 0,

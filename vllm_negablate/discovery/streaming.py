@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vllm_negablate import defaults
 from vllm_negablate.discovery.wasserstein import (
     exact_w1_split_columns,
     w1_histogram_to_std_normal,
@@ -170,7 +171,7 @@ class StreamingW1Estimator:
         num_neurons: int | None = None,
         *,
         nbins: int = 2048,
-        warmup_tokens: int = 512,
+        warmup_tokens: int = defaults.WARMUP_TOKENS,
         core_scale: float = 1.0,
         range_std: float = 1.0e5,
         lattice: str | None = "auto",
