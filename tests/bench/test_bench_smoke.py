@@ -5,8 +5,10 @@ here, with minimal flags (one repetition, a few prompts or pairs). The checks ar
 numbers, not just on "it ran": printed ratios and JSON agree with each other and with the
 medians they come from, are finite and positive; ``server_vs_hf`` must find the same
 ablated sums of log-probs on both sides (< 2e-4) and a set that moves them by far more;
-``harness_vs_lm_eval`` must get lm_eval's exact per-paradigm accuracies; token and pair
-counts are recomputed independently here.
+``harness_vs_lm_eval`` must get lm_eval's exact per-paradigm accuracies; ``scoring_speed``
+(its own tiny Llama, ``--tiny``) must report every speed of both dtypes, with served,
+offline and transformers scoring the same tokens; token and pair counts are recomputed
+independently here.
 
 Every script starts its own vLLM engine (15-60 s each on 2 idle cores), so the selected
 scripts run two at a time in the background from the first test on; each test waits for
@@ -55,6 +57,7 @@ def _flags(model: Path) -> dict[str, list[str]]:
         "harness_vs_lm_eval": [*m, *pairs, "--no-warmup"],
         "server_vs_hf": [*m, *pairs],
         "op_overhead": [*m, "--prompts", "4", "--length", "32", "--reps", "1"],
+        "scoring_speed": ["--tiny", "--reps", "1", "--pairs", str(PAIRS)],
         "discovery_speed": [*m, "--window", "64", "--tokens", "1024", "--tokens-small", "512",
                             "--tokens-large", "1024", "--reps", "1", "--nbins", "64",
                             "--kv-cache-mb", "64"],
@@ -63,6 +66,7 @@ def _flags(model: Path) -> dict[str, list[str]]:
 
 # test name -> bench script; the heavy ones first so that the two lanes finish together
 TESTS = {
+    "test_scoring_speed": "scoring_speed",
     "test_harness_vs_lm_eval": "harness_vs_lm_eval",
     "test_server_vs_hf": "server_vs_hf",
     "test_op_overhead": "op_overhead",
@@ -185,3 +189,58 @@ def test_discovery_speed(runs):
         assert finite_positive(res["memory"][label]["peak_rss_mb"])
     m = re.search(rf"observed\s+{NUM} tok/s .* ratio {NUM}", run.stdout)
     assert m and float(m.group(2)) == pytest.approx(res["throughput_ratio"], abs=0.0006), run.stdout
+
+
+SPEED_KEYS = ("served_tok_s", "offline_tok_s", "hf_tok_s", "roofline_tok_s", "full_blimp_minutes")
+
+
+def test_scoring_speed(runs, model_dir):
+    """Both dtypes (the tiny Llama runs in bfloat16 too), every side, numbers that agree."""
+    from eval.data import load_blimp
+    from eval.tokenizers import LocalTokenizer
+
+    run = runs["scoring_speed"].result()
+    run.check()
+    res = run.result
+    assert res["settings"]["reps"] == 1 and res["settings"]["pairs"] == PAIRS
+    assert res["settings"]["sides"] == ["roofline", "hf", "offline", "served"]
+    assert res["machine"]["cpu"] and "avx512_bf16" in res["machine"]["flags"]
+    assert res["machine"]["affinity"] == len(os.sched_getaffinity(0))
+    assert all(res["machine"]["versions"][k] for k in ("torch", "vllm", "transformers"))
+    # the sentences scored: recount the tokens with the local tokenizer (same tiny model)
+    paradigms = res["settings"]["paradigms"]
+    per = PAIRS // len(paradigms)
+    pairs = [p for par in paradigms for p in load_blimp(paradigms=[par], allow_hub=False)[:per]]
+    texts = [t for p in pairs for t in (p.good, p.bad)]
+    tokens = sum(1 + len(ids) for ids in LocalTokenizer(model_dir).encode_batch(texts))
+    info = res["models"]["tiny-llama"]
+    assert info["tokens"] == tokens and finite_positive(info["flops_per_token"])
+    assert info["flops_per_token"] == pytest.approx(sum(info["terms"].values()))
+    assert set(res["results"]) == {"tiny-llama"}
+    assert set(res["results"]["tiny-llama"]) == {"float32", "bfloat16"}
+    for dtype, r in res["results"]["tiny-llama"].items():
+        for k in SPEED_KEYS:
+            assert finite_positive(r[k]), (dtype, k, r[k])
+        assert r["tokens"] == tokens
+        # served, offline and transformers returned the same number of log-probs
+        assert r["scored_tokens"] == {"hf": tokens - len(texts), "offline": tokens - len(texts),
+                                      "served": tokens - len(texts)}, (dtype, r["scored_tokens"])
+        med = r["median_s"]
+        for side in ("served", "offline", "hf"):
+            assert r[f"{side}_tok_s"] == pytest.approx(tokens / med[side])
+            assert r["reps"]["times_s"][side] == [med[side]]
+        assert r["roofline_tok_s"] == pytest.approx(r["roofline_gflops"] * 1e9 / info["flops_per_token"])
+        assert r["full_blimp_minutes"] == pytest.approx(67_000 * tokens / PAIRS / r["served_tok_s"] / 60)
+        q = r["ratios"]
+        assert q["served_over_offline"] == pytest.approx(r["served_tok_s"] / r["offline_tok_s"])
+        assert q["served_over_hf"] == pytest.approx(r["served_tok_s"] / r["hf_tok_s"])
+        assert q["offline_over_roofline"] == pytest.approx(r["offline_tok_s"] / r["roofline_tok_s"])
+        [roof] = r["reps"]["roofline"]
+        assert roof["best_gflops"] == pytest.approx(max(v for d in roof["gflops"].values() for v in d.values()))
+        assert {"torch.matmul", "F.linear"} <= set(roof["gflops"])
+        if dtype == "float32":  # same model, same log-probs on every side
+            assert max(r["logprob_max_abs_diff_vs_offline"].values()) < 2e-4, r["logprob_max_abs_diff_vs_offline"]
+        m = re.search(rf"^tiny-llama\s+{dtype}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}", run.stdout, re.M)
+        assert m, run.stdout
+        assert float(m.group(5)) == pytest.approx(r["served_tok_s"], abs=0.6)
+        assert float(m.group(6)) == pytest.approx(q["served_over_offline"], abs=0.006)
