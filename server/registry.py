@@ -188,9 +188,7 @@ class SetRegistry:
         try:
             deadline = time.monotonic() + self.wait_timeout
             while self.in_flight[name]:
-                event = self.slots.change_event
-                if not self.in_flight[name]:
-                    break
+                event = self.slots.change_event  # taken before waiting: no release is missed
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise SetInUse(

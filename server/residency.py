@@ -45,6 +45,10 @@ class SlotWaitTimeout(NeuronSetError):
         self.retry_after = retry_after
 
 
+class SetGone(NeuronSetError):
+    """The set a request waited for was deleted meanwhile."""
+
+
 class NoEvictableSlot(NeuronSetError):
     """Every slot holds a protected set, so waiting cannot help."""
 
@@ -259,6 +263,3 @@ class SlotScheduler:
         self.last_used.pop(name, None)
         self.notify()
 
-
-class SetGone(NeuronSetError):
-    """The set a request waited for was deleted meanwhile."""
