@@ -53,6 +53,7 @@ _FILE_COST = {
     "test_vllm_exact.py": 130, "test_vllm_modes.py": 125, "test_server.py": 115,
     "test_eval_live.py": 95, "test_lm_tasks.py": 95, "test_real_models.py": 65,
     "test_pos_analysis.py": 60, "test_serving_churn.py": 60, "test_discovery_vllm.py": 45,
+    "test_scoring_fast_paths.py": 80,
 }
 
 

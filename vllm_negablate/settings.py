@@ -52,6 +52,9 @@ class NegablateSettings(BaseSettings):
     eval_cache: Path | None = Field(
         None, description="SQLite score cache of the harness (default "
                           "`~/.cache/negablate/eval-scores.sqlite`; `--cache` wins).")
+    batched_prompt_logprobs: bool = Field(
+        True, description="Compute the prompt log-probs of all requests of a step together "
+                          "(`0`: vLLM's per-request loop; same values, slower).")
     server: str = Field("http://127.0.0.1:8000", description="Server URL for `negablate eval`/`analyze` "
                                                             "(`--server` wins).")
 
