@@ -97,6 +97,11 @@ DataDirOpt = Annotated[Optional[Path], typer.Option(
                        "$NEGABLATE_DATA_DIR).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the per-group subsample.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+DtypeOpt = Annotated[Optional[str], typer.Option(
+    "--dtype", help="The dtype the scores must be computed in (float32: exact; bfloat16: fast). "
+                    "negablate serve says what it runs in; a different one stops the run before "
+                    "scoring. Default: whatever the server runs (recorded in summary.json; the "
+                    "score cache is keyed by it either way).")]
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -118,16 +123,19 @@ def _default_out(task: str, model: str, neuron_set: str | None) -> Path:
 def _scorer(server: str, model: str, neuron_set: str | None, tokenizer: str | None,
             start_token: str | None, api_key: str | None, concurrency: int, batch_size: int,
             max_batch_tokens: int, cache: Path | None, no_cache: bool, timeout: float,
-            max_retries: int, quiet: bool):
+            max_retries: int, quiet: bool, dtype: str | None = None):
     from eval.scoring import CompletionsScorer
     from eval.tokenizers import TokenizerError
+    from vllm_negablate.precision import DTYPES, normalize_dtype
 
+    if dtype is not None and normalize_dtype(dtype) not in DTYPES:
+        _fail(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     try:
         sc = CompletionsScorer(
             server, model, api_key=api_key, tokenizer=tokenizer, neuron_set=neuron_set,
             start_token=start_token, cache=False if no_cache else cache,
             batch_size=batch_size, max_batch_tokens=max_batch_tokens, concurrency=concurrency,
-            timeout=timeout, max_retries=max_retries, progress=not quiet,
+            timeout=timeout, max_retries=max_retries, progress=not quiet, dtype=dtype,
         )
         _ = sc.tokenizer  # load now: fail before any request
     except (TokenizerError, ValueError) as e:
@@ -223,6 +231,7 @@ def blimp(
     api_key: ApiKeyOpt = None,
     timeout: TimeoutOpt = 600.0,
     max_retries: RetriesOpt = 5,
+    dtype: DtypeOpt = None,
     show_paradigms: Annotated[bool, typer.Option(help="Print all paradigms, not only phenomena.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -250,7 +259,7 @@ def blimp(
         opts, dict(server=server, model=model, neuron_set=neuron_set, tokenizer=tokenizer,
                    start_token=start_token, api_key=api_key, concurrency=concurrency,
                    batch_size=batch_size, max_batch_tokens=max_batch_tokens, cache=cache,
-                   no_cache=no_cache, timeout=timeout, max_retries=max_retries, quiet=quiet),
+                   no_cache=no_cache, timeout=timeout, max_retries=max_retries, quiet=quiet, dtype=dtype),
         out, show_paradigms)
 
 
@@ -280,6 +289,7 @@ def tse(
     api_key: ApiKeyOpt = None,
     timeout: TimeoutOpt = 600.0,
     max_retries: RetriesOpt = 5,
+    dtype: DtypeOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """TSE accuracy: right when the *mean per-token* log p(good) > log p(bad) (reference metric).
@@ -305,7 +315,7 @@ def tse(
         dict(server=server, model=model, neuron_set=neuron_set, tokenizer=tokenizer,
              start_token=start_token, api_key=api_key, concurrency=concurrency,
              batch_size=batch_size, max_batch_tokens=max_batch_tokens, cache=cache,
-             no_cache=no_cache, timeout=timeout, max_retries=max_retries, quiet=quiet),
+             no_cache=no_cache, timeout=timeout, max_retries=max_retries, quiet=quiet, dtype=dtype),
         out, show_paradigms=True)
 
 
@@ -336,6 +346,7 @@ def perplexity(
     api_key: ApiKeyOpt = None,
     timeout: TimeoutOpt = 600.0,
     max_retries: RetriesOpt = 5,
+    dtype: DtypeOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity of running text in fixed windows of tokens, each starting with the start token.
@@ -355,7 +366,7 @@ def perplexity(
 
     txt = _run_guarded(lambda: load_wikitext_text(text, data_dir=data_dir))
     sc = _scorer(server, model, neuron_set, tokenizer, start_token, api_key, concurrency, batch_size,
-                 max_batch_tokens, cache, no_cache, timeout, max_retries, quiet)
+                 max_batch_tokens, cache, no_cache, timeout, max_retries, quiet, dtype)
     with sc:
         mml = server_max_model_len(sc)
         if window is None:

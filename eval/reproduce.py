@@ -158,7 +158,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
 def reproduce_command(
     model: str = typer.Option(_R.model, help="Embedded model name (fetched once) or an HF model dir."),
     out: Path = typer.Option(_R.out, help="Output folder: report, runs, logs (rerun to resume)."),
-    dtype: str = typer.Option(_R.dtype, help="Model dtype. float32 is exact (oracle-equal); bfloat16 is faster on CPUs with bf16 units (avx512_bf16, AMX)."),
+    dtype: str = typer.Option(_R.dtype, help="float32: exact (oracle-equal). bfloat16: about 1.7x faster where the hardware has bf16 units (avx512_bf16, AMX, GPUs); refused on CPUs without them. Its effect on BLiMP decisions: README, 'Precision'."),
     top: float = typer.Option(_R.top_percent, help="Percent of neurons per layer in the Wasserstein set."),
     discovery_tokens: int = typer.Option(_R.discovery_tokens, help="WikiText-2 valid tokens observed to score neurons."),
     blimp_per_paradigm: int = typer.Option(_R.blimp_per_paradigm, help="BLiMP pairs per paradigm (67 paradigms; 1000 = all)."),
@@ -181,6 +181,13 @@ def reproduce_command(
 
     Example: negablate reproduce --blimp-per-paradigm 100 --out report-100
     """
+    from vllm_negablate.precision import DtypeError, check_dtype_runnable
+
+    try:
+        dtype = check_dtype_runnable(dtype)  # before any engine starts
+    except DtypeError as e:
+        console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     reproduce(ReproduceConfig(
         model=model, out=out, dtype=dtype, top_percent=top, discovery_tokens=discovery_tokens,
         blimp_per_paradigm=blimp_per_paradigm, tse_per_test=tse_per_test, ppl_windows=ppl_windows,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from vllm_negablate import defaults, set_names
+from vllm_negablate.precision import DTYPES, normalize_dtype
 
 
 class ReproduceConfig(BaseModel):
@@ -20,8 +21,9 @@ class ReproduceConfig(BaseModel):
     They are sized so that Gemma 3 270M finishes well under an hour on a 2-core
     CPU, with about 30k scored tokens per condition. float32 is the exact mode:
     every served ablation equals the transformers oracle to float tolerance.
-    (bfloat16 is faster where the CPU has bf16 units, ``avx512_bf16`` or AMX:
-    about 1.4-1.8x in vLLM on this project's 2-core EPYC with ``avx512_bf16``.)
+    bfloat16 is the fast mode where the hardware has bf16 units (``avx512_bf16`` or
+    AMX; about 1.7x the float32 scoring rate on this project's 2-core EPYC); its
+    effect on BLiMP decisions and ablation deltas is in the README ("Precision").
     """
 
     model: str = "gemma-3-270m"
@@ -38,6 +40,14 @@ class ReproduceConfig(BaseModel):
     match_max_iter: int = 8
     cpu_bind_all_cores: bool = True
     seed: int = 0
+
+    @field_validator("dtype")
+    @classmethod
+    def _offered_dtype(cls, value: str) -> str:
+        dtype = normalize_dtype(value)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {value!r}: use one of {', '.join(DTYPES)}")
+        return dtype
     n_boot: int = 2_000
     kv_cache_mb: int = 1024
     data_dir: Path | None = None

@@ -1,9 +1,10 @@
 """The SQLite score cache of the HTTP scorer (:class:`eval.scoring.CompletionsScorer`).
 
 Results go to an SQLite file (:class:`ScoreCache`), one row per sequence, keyed
-by SHA-256 of ``(served model id BASE, neuron set, exact token ids)``
-(:func:`cache_key`): the server URL is not part of the key, so the same model served
-elsewhere reuses the rows. Each finished batch is committed at once, so an
+by SHA-256 of ``(served model id BASE, neuron set, dtype the server computes in, exact
+token ids)`` (:func:`cache_key`): the server URL is not part of the key, so the same
+model served elsewhere reuses the rows, but the same model served in bfloat16 never
+answers for float32. Each finished batch is committed at once, so an
 interrupted run, rerun, resumes where it stopped, and a finished one is answered
 without any HTTP call. The scorer takes ``cache=False`` to switch it off, or
 ``cache_namespace=`` to keep results of different weights served under the same
@@ -30,7 +31,7 @@ __all__ = [
 ]
 
 CACHE_ENV = "NEGABLATE_EVAL_CACHE"
-_CACHE_SCHEMA = 1
+_CACHE_SCHEMA = 2  # 2: the server's dtype joined the key
 
 
 def default_cache_path() -> Path:
@@ -42,10 +43,14 @@ def default_cache_path() -> Path:
     return Path(base) / "negablate" / "eval-scores.sqlite"
 
 
-def cache_key(model_id: str, neuron_set: str | None, ids: Sequence[int], namespace: str = "") -> str:
-    """SHA-256 of the canonical JSON of (schema, namespace, model, set, ids)."""
+def cache_key(model_id: str, neuron_set: str | None, ids: Sequence[int], namespace: str = "",
+              dtype: str | None = None) -> str:
+    """SHA-256 of the canonical JSON of (schema, namespace, model, set, dtype, ids).
+
+    ``dtype``: what the server computes in (``negablate serve`` lists it on the model's
+    card); None for servers that do not say."""
     payload = json.dumps(
-        [_CACHE_SCHEMA, namespace, model_id, neuron_set or "", [int(t) for t in ids]],
+        [_CACHE_SCHEMA, namespace, model_id, neuron_set or "", dtype or "", [int(t) for t in ids]],
         separators=(",", ":"),
     )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()

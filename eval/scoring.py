@@ -6,7 +6,7 @@ OpenAI completions API returns them when asked to echo the prompt::
 
     POST {base_url}/v1/completions
     {"model": "BASE@SET", "prompt": [[2, 464, 3797, ...], [2, 464, ...]],
-     "echo": true, "logprobs": 1, "max_tokens": 0, "temperature": 0}
+     "echo": true, "logprobs": 0, "max_tokens": 0, "temperature": 0}
 
 Each choice's ``logprobs.token_logprobs`` then holds one entry per prompt token,
 the first ``null`` (nothing predicts the first token). Checked against vLLM 0.32:
@@ -14,7 +14,8 @@ the first ``null`` (nothing predicts the first token). Checked against vLLM 0.32
 generates one hidden token, so a prompt must be at most ``max_model_len - 1``
 tokens). Servers that refuse ``max_tokens: 0`` (a 400 naming ``max_tokens``) are
 retried with ``max_tokens: 1`` and the generated token is dropped; that is what
-``lm_eval`` always sends.
+``lm_eval`` always sends. Likewise a server that refuses ``logprobs: 0`` (a 400
+naming ``logprobs``) is asked again with ``logprobs: 1``.
 
 Prompts are sent as **token ids**, tokenized by :mod:`eval.tokenizers` (a local
 ``tokenizer.json`` or the server's ``/tokenize``), with the start token in front;
@@ -63,6 +64,7 @@ from server.http import (
     normalize_base_url,
 )
 from vllm_negablate.neuron_set import NO_ABLATION, is_no_ablation
+from vllm_negablate.precision import normalize_dtype
 
 logger = logging.getLogger("negablate.eval")
 
@@ -168,6 +170,7 @@ class CompletionsScorer:
         echo_mode: EchoMode = "auto",
         progress: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
+        dtype: str | None = None,
     ) -> None:
         if batch_size < 1 or concurrency < 1 or max_batch_tokens < 1:
             raise ValueError("batch_size, max_batch_tokens and concurrency must be >= 1")
@@ -197,7 +200,11 @@ class CompletionsScorer:
         # For a run that names no set: the server's default set when it began
         # (read from /v1/models on first use; None when there is none or plain vLLM).
         self.server_default: str | None = None
-        self._default_probed = self.neuron_set is not None
+        # What the server computes in (``negablate_dtype`` on its card; None: not said),
+        # and what the caller expects (``dtype=``: a mismatch stops the run).
+        self.server_dtype: str | None = None
+        self.expected_dtype = normalize_dtype(dtype) if dtype else None
+        self._server_probed = False
         self.set_via: str | None = (
             "model" if model_set is not None else ("vllm_xargs" if body_set is not None else None)
         )
@@ -224,6 +231,8 @@ class CompletionsScorer:
         self.progress = progress
         self.transport = transport
         self._echo_lock: asyncio.Lock | None = None
+        # ``logprobs`` of each request: 0 (only the prompt tokens' own), 1 if refused
+        self.top_logprobs = 0
         # counters (cumulative over calls)
         self.n_requests = 0
         self.n_retries = 0
@@ -276,6 +285,7 @@ class CompletionsScorer:
             "server_default": self.server_default,
             "tokenizer": self.tokenizer.describe(),
             "echo_mode": self.echo_mode,
+            "dtype": self.dtype,
             "cache": str(self.cache.path) if self.cache else None,
             "cache_namespace": self.cache_namespace,
         }
@@ -302,27 +312,38 @@ class CompletionsScorer:
         name = self.neuron_set if self.neuron_set is not None else self.server_default
         return None if is_no_ablation(name) else name
 
+    @property
+    def dtype(self) -> str | None:
+        """The dtype the scores are computed in: the server's word, else the caller's."""
+        return self.server_dtype or self.expected_dtype
+
     def key(self, ids: Sequence[int]) -> str:
-        return cache_key(self.base_model, self.condition, ids, self.cache_namespace)
+        return cache_key(self.base_model, self.condition, ids, self.cache_namespace, self.dtype)
 
-    async def _probe_server_default(self) -> None:
-        """Warn when a run naming no set would be scored under the server's default set.
+    async def _probe_server(self) -> None:
+        """Read the base model's card in /v1/models once: its dtype and default set.
 
-        ``negablate serve`` lists it as ``negablate_default`` on the base model's card in
-        /v1/models; other servers have no such field (no default). Asked once per scorer.
+        ``negablate serve`` lists ``negablate_dtype`` (what the engine computes in) and
+        ``negablate_default`` (the set a request naming none gets) there; other servers
+        have neither (dtype unknown, no default). The dtype joins the cache key, and a
+        caller's ``dtype=`` that differs stops the run before anything is scored. A run
+        naming no set is warned that it gets the default.
         """
-        if self._default_probed:
+        if self._server_probed:
             return
-        self._default_probed = True
+        self._server_probed = True
         try:
             cards = await alist_models(self.base_url, self.api_key, transport=self.transport,
                                        timeout=30.0, policy=self.retry_policy)
         except (ModelListError, ValueError):
-            return  # no list, no known default: the completions requests will say what is wrong
+            cards = []  # no list: the completions requests will say what is wrong
         for card in cards:
             if isinstance(card, dict) and card.get("id") == self.base_model:
+                dtype = card.get("negablate_dtype")
+                if isinstance(dtype, str) and dtype:
+                    self.server_dtype = normalize_dtype(dtype)
                 default = card.get("negablate_default")
-                if isinstance(default, str) and default:
+                if self.neuron_set is None and isinstance(default, str) and default:
                     self.server_default = default
                     logger.warning(
                         "%s names no neuron set, and the server's default set is %r: these scores "
@@ -349,7 +370,12 @@ class CompletionsScorer:
         first entry ``None``. Cached sequences are not sent; duplicates are sent once.
         Sequences of length < 2 are answered locally (nothing to score)."""
         seqs = [[int(t) for t in s] for s in seqs]
-        await self._probe_server_default()
+        await self._probe_server()
+        if self.expected_dtype and self.server_dtype and self.server_dtype != self.expected_dtype:
+            raise ScoringError(
+                f"{self.base_url}: {self.base_model} is served in {self.server_dtype}, not "
+                f"{self.expected_dtype} (--dtype); restart the server with --dtype "
+                f"{self.expected_dtype} or drop --dtype to score in {self.server_dtype}")
         keys = [self.key(s) for s in seqs]
         found: dict[str, list[float | None]] = {}
         todo: dict[str, list[int]] = {}
@@ -425,7 +451,7 @@ class CompletionsScorer:
         self.n_requests += 1
 
     def _body(self, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-        return prompt_logprob_body(self.model, prompts, max_tokens, self.extra_body)
+        return prompt_logprob_body(self.model, prompts, max_tokens, self.extra_body, self.top_logprobs)
 
     async def _request(self, client: httpx.AsyncClient, prompts: list[list[int]]) -> list[list[float | None]]:
         """One batch; transient failures are retried by the client's transport, so what
@@ -456,6 +482,9 @@ class CompletionsScorer:
             if (resp.status_code in (400, 422) and mode == "auto" and max_tokens == 0
                     and "max_tokens" in msg):
                 self.echo_mode = "max_tokens_1"
+                continue
+            if resp.status_code in (400, 422) and self.top_logprobs == 0 and "logprobs" in msg:
+                self.top_logprobs = 1  # a server that wants at least one top log-prob
                 continue
             hint = ""
             if resp.status_code == 404 and self.neuron_set is not None:

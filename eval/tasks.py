@@ -132,6 +132,7 @@ class RunInfo(BaseModel):
     neuron_set: str | None
     set_via: str | None
     server_default: str | None = None  # the server's default set, when the run named none
+    dtype: str | None = None  # what the scores were computed in (the server's word; None: unknown)
     tokenizer: dict[str, Any]
     echo_mode: str
     options: dict[str, Any] = {}
@@ -258,7 +259,7 @@ def _run_info(scorer: CompletionsScorer, task: TaskName, options: dict[str, Any]
         task=task, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         server=d["server"], model=d["model"], base_model=d["base_model"],
         neuron_set=d["neuron_set"], set_via=d["set_via"], server_default=d["server_default"],
-        tokenizer=d["tokenizer"],
+        dtype=d["dtype"], tokenizer=d["tokenizer"],
         echo_mode=d["echo_mode"], options=options, scoring=scorer.stats(),
         elapsed_s=round(elapsed, 3),
     )

@@ -36,11 +36,14 @@ def _wrap_model_list(state) -> None:
 
     Each card says what it selects (``neuron_set``); the base card also says
     which default set a request naming no set gets now (``negablate_default``),
-    so a client can tell "the base model" from "the default" without the admin key.
+    so a client can tell "the base model" from "the default" without the admin key,
+    and what the engine computes in (``negablate_dtype``): the harness keys its
+    score cache by it, so bfloat16 scores never answer for float32.
     """
+    dtype = vllm_adapter.served_dtype(state)
     vllm_adapter.extend_model_list(
         state,
-        base_fields=lambda: {"negablate_default": state.negablate.default},
+        base_fields=lambda: {"negablate_default": state.negablate.default, "negablate_dtype": dtype},
         variants=lambda: [(name, {"neuron_set": name})
                           for name in [NO_ABLATION, *sorted(state.negablate.sets)]],
     )

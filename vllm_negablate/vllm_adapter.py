@@ -730,6 +730,11 @@ async def serve_openai_app(args, customize: Callable[[Any, RPC], Awaitable[None]
         sock.close()
 
 
+def served_dtype(app_state: Any) -> str:
+    """The dtype the served model computes in, e.g. ``"bfloat16"`` (from vLLM's model config)."""
+    return str(app_state.openai_serving_models.model_config.dtype).removeprefix("torch.")
+
+
 def serves_model(app_state: Any, name: str) -> bool:
     """Whether ``name`` is a model the server serves (``--served-model-name``), on vLLM's app state."""
     return bool(app_state.openai_serving_models.is_base_model(name))

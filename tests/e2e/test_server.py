@@ -58,6 +58,7 @@ def test_upload_list_get_models_and_delete(served, client):
     cards = httpx.get(f"{server.url}/v1/models").json()["data"]
     assert [m["id"] for m in cards] == ["tiny", "tiny@none", "tiny@A"]
     assert cards[0]["negablate_default"] is None
+    assert cards[0]["negablate_dtype"] == "float32"  # what the harness keys its cache by
     assert [m["neuron_set"] for m in cards[1:]] == ["none", "A"]
     tmp = random_set(model_dir, "tmp", "both", seed=2)
     client.upload_set(tmp)

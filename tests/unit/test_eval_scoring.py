@@ -94,6 +94,8 @@ class FakeCompletions:
         self.fail_status: list[int] = []  # statuses to answer, one per call, before working
         self.raise_after: int | None = None  # raise inside the server after this many calls
         self.refuse_max_tokens_0 = False
+        self.refuse_logprobs_0 = False
+        self.dtype: str | None = None  # negablate serve's negablate_dtype (None: not said)
         self.in_flight = 0
         self.max_in_flight = 0
         self.delay = 0.0
@@ -115,7 +117,7 @@ class FakeCompletions:
         if method == "GET" and path == "/v1/models":
             return await self._send(send, 200, {"object": "list", "data": [
                 {"id": m, "object": "model", "max_model_len": self.max_model_len,
-                 "negablate_default": self.default} for m in self.models]})
+                 "negablate_default": self.default, "negablate_dtype": self.dtype} for m in self.models]})
         if method == "GET" and path == "/health":
             return await self._send(send, 200, {})
         if not (method == "POST" and path == "/v1/completions"):
@@ -145,8 +147,10 @@ class FakeCompletions:
             return await self._send(send, 404, {"error": {
                 "message": f"The model `{data['model']}` does not exist.", "type": "NotFoundError",
                 "code": 404}})
-        if not (data.get("echo") and data.get("logprobs") == 1):
+        if not (data.get("echo") and data.get("logprobs") in (0, 1)):
             return await self._send(send, 400, {"error": {"message": "expected echo + logprobs"}})
+        if data["logprobs"] == 0 and self.refuse_logprobs_0:
+            return await self._send(send, 400, {"error": {"message": "logprobs must be at least 1"}})
         mt = data.get("max_tokens")
         if mt == 0 and self.refuse_max_tokens_0:
             return await self._send(send, 400, {"error": {"message": "max_tokens must be at least 1, got 0."}})
@@ -284,7 +288,7 @@ def test_request_shape_and_logprobs(tok_dir):
     assert lp == fake._logprobs(ids, None)
     body = fake.bodies[0]
     assert body["prompt"] == [ids]
-    assert (body["echo"], body["logprobs"], body["max_tokens"], body["temperature"]) == (True, 1, 0, 0)
+    assert (body["echo"], body["logprobs"], body["max_tokens"], body["temperature"]) == (True, 0, 0, 0)
     assert body["model"] == "fake" and "vllm_xargs" not in body
     assert sc.echo_mode == "max_tokens_0"
 
@@ -405,6 +409,44 @@ def test_max_tokens_1_fallback(tok_dir):
     assert out == [fake._logprobs(s, None) for s in seqs]  # the generated token is dropped
     assert sc.echo_mode == "max_tokens_1"
     assert [b["max_tokens"] for b in fake.bodies] == [0, 1, 1, 1]
+
+
+def test_logprobs_1_fallback(tok_dir):
+    fake = FakeCompletions()
+    fake.refuse_logprobs_0 = True
+    sc = make_scorer(fake, tok_dir, batch_size=1)
+    seqs = [sc.encode(t) for t in ("the cat", "a dog runs")]
+    assert sc.score_ids(seqs) == [fake._logprobs(s, None) for s in seqs]
+    assert [b["logprobs"] for b in fake.bodies] == [0, 1, 1] and sc.top_logprobs == 1
+
+
+def test_server_dtype_keys_the_cache_and_a_mismatch_stops_the_run(tok_dir, tmp_path):
+    """bfloat16 scores never answer for float32: the server's dtype is in the cache key,
+    recorded, and a --dtype that differs from the server's is refused before scoring."""
+    fake = FakeCompletions()
+    cache = tmp_path / "scores.sqlite"
+    fake.dtype = "float32"
+    fp32 = make_scorer(fake, tok_dir, cache=cache)
+    ids = fp32.encode("the cat runs")
+    fp32.score_ids([ids])
+    assert fp32.dtype == "float32" and fp32.describe()["dtype"] == "float32" and fake.calls == 1
+    again = make_scorer(fake, tok_dir, cache=cache, dtype="fp32")
+    again.score_ids([ids])
+    assert fake.calls == 1  # same dtype: cached
+    fake.dtype = "bfloat16"  # the same name restarted in bf16
+    bf16 = make_scorer(fake, tok_dir, cache=cache)
+    bf16.score_ids([ids])
+    assert bf16.dtype == "bfloat16" and fake.calls == 2  # not the float32 rows
+    wrong = make_scorer(fake, tok_dir, cache=cache, dtype="float32")
+    with pytest.raises(ScoringError, match="served in bfloat16, not float32"):
+        wrong.score_ids([ids])
+    assert fake.calls == 2
+    fake.dtype = None  # a server that does not say: the caller's word is recorded
+    plain = make_scorer(fake, tok_dir, cache=cache, dtype="bf16")
+    plain.score_ids([ids])
+    assert plain.dtype == "bfloat16" and fake.calls == 2  # keyed as bfloat16: cached
+    for sc in (fp32, again, bf16, wrong, plain):
+        sc.close()
 
 
 def test_batching_dedup_and_concurrency(tok_dir):

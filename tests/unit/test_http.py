@@ -212,7 +212,8 @@ def test_list_models_errors_are_clear():
 def test_body_and_parser():
     body = prompt_logprob_body("m@A", [[2, 5, 7]], 0, {"vllm_xargs": {"k": 1}, "echo": False})
     assert body == {"vllm_xargs": {"k": 1}, "model": "m@A", "prompt": [[2, 5, 7]], "echo": True,
-                    "logprobs": 1, "max_tokens": 0, "temperature": 0}
+                    "logprobs": 0, "max_tokens": 0, "temperature": 0}
+    assert prompt_logprob_body("m", [[2]], logprobs=1)["logprobs"] == 1
     data = {"choices": [
         {"index": 1, "logprobs": {"token_logprobs": [None, -1.0, -2.0, -0.5], "tokens": ["a", "b", "c", "g"]}},
         {"index": 0, "logprobs": {"token_logprobs": [None, -3.0], "tokens": ["x", "y"]}},
