@@ -4,8 +4,8 @@ Scoring a BLiMP step means ~256 prompts of ~10 tokens each. Computing their LM
 head, log-softmax and rank count one request at a time (vLLM's loop) makes 256
 thin matrix products and 256 small reductions; gathering the rows of all
 requests and computing them in chunks of a few hundred rows is about 2x faster
-for that part on CPU (SmolLM2-135M, bf16: 0.50 -> 0.23 ms per token; measured
-with ``bench/scoring_speed.py``). Nothing here knows vLLM: the adapter
+for that part on CPU (SmolLM2-135M's shapes in bf16, LM head + log-softmax + rank
+alone: 0.50 -> 0.22 ms per token; end to end: ``bench/levers.py``). Nothing here knows vLLM: the adapter
 (:mod:`vllm_negablate.vllm_adapter`) passes vLLM's own functions in, and this
 module only decides which rows go together and where each result lands.
 """
@@ -18,10 +18,13 @@ from typing import Any
 
 import torch
 
-#: Bytes of float32 scores one chunk may hold (rows x vocabulary x 4). 64 MiB gives
-#: 341 rows for a 49k vocabulary and 64 for Gemma's 262k, where chunks of 64-256 rows
-#: ran fastest on this project's CPU and the memory stays flat in the step size.
-SCORE_CHUNK_BYTES = 64 << 20
+#: Bytes of float32 scores one chunk may hold (rows x vocabulary x 4), and the most rows.
+#: 128 MiB and 256 rows give 256 rows for a 49k vocabulary and 128 for Gemma's 262k: the
+#: fastest sizes measured on this project's CPU (LM head + log-softmax + rank; 512 rows
+#: were 35% slower for SmolLM2-135M, 64 rows 7% slower for Gemma 3 270M). The memory
+#: stays flat in the step size (a few hundred MiB at most, beside GiBs of weights).
+SCORE_CHUNK_BYTES = 128 << 20
+MAX_CHUNK_ROWS = 256
 
 
 @dataclass
@@ -43,8 +46,9 @@ class PromptRows:
 
 
 def rows_per_chunk(vocab_size: int, budget_bytes: int = SCORE_CHUNK_BYTES) -> int:
-    """How many rows fit a chunk of float32 scores of ``vocab_size`` columns."""
-    return max(1, budget_bytes // (4 * max(1, vocab_size)))
+    """How many rows fit a chunk of float32 scores of ``vocab_size`` columns (at most
+    :data:`MAX_CHUNK_ROWS`)."""
+    return max(1, min(MAX_CHUNK_ROWS, budget_bytes // (4 * max(1, vocab_size))))
 
 
 def score_rows(

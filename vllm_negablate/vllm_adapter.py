@@ -447,7 +447,7 @@ def patch_prompt_logprobs() -> None:
     the scheduler reads), then computes the rows of all requests that ask for
     the same number of top log-probs together, in chunks of
     :func:`~vllm_negablate.prompt_logprobs.rows_per_chunk` rows (bounded memory:
-    a chunk's float32 scores stay under 64 MiB whatever the vocabulary). The
+    a chunk's float32 scores stay under 128 MiB whatever the vocabulary). The
     functions that compute are vLLM's own (``model.compute_logits``,
     ``Sampler.compute_logprobs`` / ``gather_logprobs``), so the values are the
     same up to the blocking of one matrix product (float32: ~1e-6).

@@ -58,6 +58,8 @@ def _flags(model: Path) -> dict[str, list[str]]:
         "server_vs_hf": [*m, *pairs],
         "op_overhead": [*m, "--prompts", "4", "--length", "32", "--reps", "1"],
         "scoring_speed": ["--tiny", "--reps", "1", "--pairs", str(PAIRS)],
+        "levers": [*m, "--dtype", "float32", "--reps", "1", "--pairs", str(PAIRS), "--batch-sizes", "4,16",
+                   "--kv-cache-mb", "64", "--settle", "0.2"],
         "discovery_speed": [*m, "--window", "64", "--tokens", "1024", "--tokens-small", "512",
                             "--tokens-large", "1024", "--reps", "1", "--nbins", "64",
                             "--kv-cache-mb", "64"],
@@ -71,6 +73,7 @@ TESTS = {
     "test_server_vs_hf": "server_vs_hf",
     "test_op_overhead": "op_overhead",
     "test_discovery_speed": "discovery_speed",
+    "test_levers": "levers",
 }
 
 
@@ -244,3 +247,23 @@ def test_scoring_speed(runs, model_dir):
         assert m, run.stdout
         assert float(m.group(5)) == pytest.approx(r["served_tok_s"], abs=0.6)
         assert float(m.group(6)) == pytest.approx(q["served_over_offline"], abs=0.006)
+
+
+def test_levers(runs):
+    """Every engine configuration scores the same sums (float32: the levers change no
+    value), and logprobs 0 answers with less JSON than logprobs 1."""
+    run = runs["levers"].result()
+    run.check()
+    res = run.result
+    assert res["sentences"] == 2 * PAIRS and res["tokens"] > res["sentences"]
+    assert [r["config"] for r in res["engine"]] == ["vllm", "+cpu_rms_norm", "+batched_logprobs", "vllm"]
+    for r in res["engine"]:
+        assert finite_positive(r["tok_s"]) and len(r["times_s"]) == 1
+        assert r["max_sum_diff_vs_first"] < 1e-3
+        assert r["tok_s"] == pytest.approx(res["tokens"] / r["times_s"][0])
+    assert res["engine"][0]["ratio"] == 1.0
+    by = {(r["logprobs"], r["batch_size"]): r for r in res["request"]}
+    assert set(by) == {(1, 4), (1, 16), (0, 4), (0, 16)}
+    for bs in (4, 16):
+        assert by[0, bs]["response_bytes"] < by[1, bs]["response_bytes"]
+    assert re.search(rf"\+batched_logprobs +{NUM} tok/s", run.stdout), run.stdout

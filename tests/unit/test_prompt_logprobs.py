@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_negablate.prompt_logprobs import SCORE_CHUNK_BYTES, PromptRows, rows_per_chunk, score_rows
+from vllm_negablate.prompt_logprobs import MAX_CHUNK_ROWS, SCORE_CHUNK_BYTES, PromptRows, rows_per_chunk, score_rows
 
 HIDDEN, VOCAB = 16, 50
 
@@ -58,8 +58,8 @@ def test_batched_rows_equal_the_per_request_loop(k, chunk_rows):
 
 
 def test_chunk_rows_bound_the_float32_scores():
-    assert rows_per_chunk(49_152) == SCORE_CHUNK_BYTES // (4 * 49_152) == 341
-    assert rows_per_chunk(262_144) == 64
+    assert rows_per_chunk(49_152) == MAX_CHUNK_ROWS == 256  # the cap (the budget allows 682)
+    assert rows_per_chunk(262_144) == SCORE_CHUNK_BYTES // (4 * 262_144) == 128
     assert rows_per_chunk(10**12) == 1  # never zero
 
 
