@@ -540,7 +540,7 @@ def install_cpu_norm_kernel() -> None:
     ``fused_add_rms_norm``, csrc/cpu/layernorm.cpp): here they become provider
     ``negablate_cpu``, first in the CPU platform's default priority (a user's
     ``--ir-op-priority`` still comes first). Measured: [8192 x 576] bf16 add+norm
-    8 ms -> under 1 ms alone; end to end SmolLM2-135M scoring x1.03 in float32, level
+    8 ms -> under 1 ms alone; end to end SmolLM2-135M scoring x1.07 in float32, level
     in bf16 (``bench/levers.py``). Outputs equal to 1 bf16 ulp (float32: 3e-6); the
     bf16 residual sum is rounded differently, which moves bf16 sentence sums by up to
     1 nat (bf16's own error against float32 is 1.7).
