@@ -60,7 +60,6 @@ def score_rows(
     compute_scores: Callable[[torch.Tensor], torch.Tensor],
     gather: Callable[[torch.Tensor, int, torch.Tensor], tuple],
     vocab_size: int,
-    device: torch.device | str = "cpu",
     chunk_rows: int | None = None,
 ) -> None:
     """Score every row of ``group`` (requests asking for ``num_logprobs`` top
@@ -75,7 +74,8 @@ def score_rows(
     """
     if not group:
         return
-    index = torch.cat([torch.arange(r.offset, r.offset + r.count) for r in group]).to(hidden_states.device)
+    device = hidden_states.device
+    index = torch.cat([torch.arange(r.offset, r.offset + r.count) for r in group]).to(device)
     rows = hidden_states.index_select(0, index)
     targets = torch.tensor([t for r in group for t in r.token_ids], dtype=torch.int64, device=device)
     chunk = chunk_rows or rows_per_chunk(vocab_size)

@@ -429,8 +429,8 @@ def _patch_model_runner() -> None:
 
 # --------------------------------------------------------------------- speed
 # Two patches that make scoring (prompt log-probs of whole prompts) faster
-# without changing what it computes; measured in bench/scoring_speed.py and
-# listed with their figures in the README ("Scoring speed"). Each can be turned
+# without changing what it computes; measured side by side in bench/levers.py,
+# with their figures in the README ("Scoring speed"). Each can be turned
 # off: NEGABLATE_BATCHED_PROMPT_LOGPROBS=0, and vLLM's own
 # ``--ir-op-priority '{"rms_norm": "native", "fused_add_rms_norm": "native"}'``.
 CPU_NORM_PROVIDER = "negablate_cpu"
@@ -514,7 +514,6 @@ def _batched_prompt_logprobs(runner, hidden_states, num_scheduled_tokens):
             else runner.sampler.compute_logprobs,
             gather=runner.sampler.gather_logprobs,
             vocab_size=runner.model_config.get_vocab_size(),
-            device=hidden_states.device,
         )
     for req_id in completed:
         del pending[req_id]

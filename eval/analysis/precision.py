@@ -36,6 +36,7 @@ from vllm_negablate.neuron_set import NeuronSet
 from vllm_negablate.precision import DTYPES, DtypeError, check_dtype_runnable
 
 from eval.analysis.sweep import BASELINE, Condition, EvalSettings, condition_for, console
+from eval.stats import bootstrap_mean_ci
 
 REFERENCE, FAST = "float32", "bfloat16"
 
@@ -102,18 +103,6 @@ def paradigm_flips(condition: str, fp32: Sequence[Any], bf16: Sequence[Any]) -> 
     return rows
 
 
-def bootstrap_ci(per_pair: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap of the mean of ``per_pair`` (resampling pairs)."""
-    rng = np.random.default_rng(seed)
-    n = per_pair.size
-    reps = np.empty(n_boot)
-    for start in range(0, n_boot, 256):
-        idx = rng.integers(0, n, size=(min(256, n_boot - start), n))
-        reps[start:start + idx.shape[0]] = per_pair[idx].mean(axis=1)
-    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
-
-
 def delta_agreement(condition: str, base_fp: Sequence[Any], cond_fp: Sequence[Any],
                     base_bf: Sequence[Any], cond_bf: Sequence[Any], *, n_boot: int = 2000,
                     seed: int = 0) -> DeltaAgreement:
@@ -124,11 +113,11 @@ def delta_agreement(condition: str, base_fp: Sequence[Any], cond_fp: Sequence[An
     d_fp = c_fp.astype(np.int8) - b_fp.astype(np.int8)
     d_bf = c_bf.astype(np.int8) - b_bf.astype(np.int8)
     diff = (d_bf - d_fp).astype(np.float64)
-    ci = bootstrap_ci(diff, n_boot, seed)
+    ci = bootstrap_mean_ci(diff, n_boot, 0.05, seed)
     return DeltaAgreement(
         condition=condition, n=int(d_fp.size),
-        delta_fp32=float(d_fp.mean()), ci_fp32=bootstrap_ci(d_fp.astype(np.float64), n_boot, seed),
-        delta_bf16=float(d_bf.mean()), ci_bf16=bootstrap_ci(d_bf.astype(np.float64), n_boot, seed),
+        delta_fp32=float(d_fp.mean()), ci_fp32=bootstrap_mean_ci(d_fp, n_boot, 0.05, seed),
+        delta_bf16=float(d_bf.mean()), ci_bf16=bootstrap_mean_ci(d_bf, n_boot, 0.05, seed),
         diff=float(diff.mean()), diff_ci=ci, agree=ci[0] <= 0.0 <= ci[1])
 
 

@@ -7,12 +7,12 @@ import pytest
 
 from eval.analysis.precision import (
     PrecisionResult,
-    bootstrap_ci,
     delta_agreement,
     paradigm_flips,
     report_markdown,
     write_outputs,
 )
+from eval.stats import bootstrap_mean_ci
 
 
 def recs(correct: dict[str, list[int]]) -> list[dict]:
@@ -43,12 +43,12 @@ def test_delta_agreement_same_effect_agrees_and_a_different_one_does_not():
     assert no_effect.diff == pytest.approx(base.mean() - cond.mean())
 
 
-def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_n():
+def test_the_shared_bootstrap_brackets_the_mean_and_shrinks_with_n():
     rng = np.random.default_rng(1)
     small = rng.choice([-1.0, 0.0, 1.0], 100)
     big = rng.choice([-1.0, 0.0, 1.0], 10_000)
-    lo_s, hi_s = bootstrap_ci(small, 1000, 0)
-    lo_b, hi_b = bootstrap_ci(big, 1000, 0)
+    lo_s, hi_s = bootstrap_mean_ci(small, 1000, 0.05, 0)
+    lo_b, hi_b = bootstrap_mean_ci(big, 1000, 0.05, 0)
     assert lo_s < small.mean() < hi_s and lo_b < big.mean() < hi_b
     assert (hi_b - lo_b) < (hi_s - lo_s) / 5  # ~1/sqrt(100)
 
