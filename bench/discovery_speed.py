@@ -3,10 +3,13 @@
 Same engine, same windows, each pass with a fresh cache salt (no prefix-cache hits):
 
 * ``plain``: ``generate(max_tokens=1)`` with no observer (the model's own forward);
-* ``observed``: the same with the discovery observer on every worker; the time of the
-  collect RPC (finalizing W1 on the workers) is reported separately.
+* ``observed``: the same with the discovery observer on every worker, once per estimator
+  kernel in ``--kernels`` (``torch``: the reference formulation; ``auto``: the numba CPU
+  kernels, the default); the time of the collect RPC (finalizing W1 on the workers) is
+  reported separately.
 
-Repetitions alternate plain / observed; the medians of ``--reps`` runs are reported.
+Repetitions alternate plain / observed (each kernel); the medians of ``--reps`` runs are
+reported.
 
 Memory: the worker process's peak RSS (VmHWM, reset at the start of each pass) for an
 observed pass over ``--tokens-small`` and over ``--tokens-large`` tokens, plus a plain pass
@@ -95,8 +98,17 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu"])
     p.add_argument("--kv-cache-mb", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--kernels", default="torch,auto",
+                   help="estimator kernels to time, comma-separated (torch, auto, numba)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--vllm-core-split", action="store_true",
+                   help="keep vLLM's default CPU binding (one core held back for the scheduler) "
+                        "instead of giving the worker every core, as `negablate reproduce` does")
     args = p.parse_args()
+    if not args.vllm_core_split:
+        from vllm_negablate.offline import bind_worker_to_all_cores
+
+        bind_worker_to_all_cores()
 
     from vllm import LLM
 
@@ -119,27 +131,42 @@ def main() -> None:
         ids = ids + ids
     start = start_token_id(model)  # the project's one rule: marker, else BOS, else EOS
     win = lambda n: make_windows(ids, args.window, start, max_tokens=n)  # noqa: E731
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
     config = {"nbins": args.nbins, "device": args.device}
     state = llm.collective_rpc("negablate_state")[0]["state"]
     fp = state["fingerprint"]
 
-    # warm-up (first-call overheads) for both paths
+    # warm-up (first-call overheads, numba compilation) for every path
     generate(llm, win(2 * args.window))
-    observed_pass(llm, win(2 * args.window), config)
+    for kernel in kernels:
+        observed_pass(llm, win(2 * args.window), {**config, "kernel": kernel})
 
     windows = win(args.tokens)
     n = sum(map(len, windows))
-    plain, observed, collect = [], [], []
+    plain = []
+    observed = {k: [] for k in kernels}
+    collect = {k: [] for k in kernels}
     for _ in range(args.reps):
         plain.append(generate(llm, windows))
-        t, tc, replies = observed_pass(llm, windows, config)
-        seen = {v for r in replies for v in r["tokens"].values()}
-        assert seen == {n}, f"observer saw {seen} tokens per layer, sent {n}"
-        observed.append(t)
-        collect.append(tc)
-    tp_plain = n / statistics.median(plain)
-    tp_obs = n / statistics.median(observed)
-    tp_obs_total = n / (statistics.median(observed) + statistics.median(collect))
+        for kernel in kernels:
+            t, tc, replies = observed_pass(llm, windows, {**config, "kernel": kernel})
+            seen = {v for r in replies for v in r["tokens"].values()}
+            assert seen == {n}, f"observer saw {seen} tokens per layer, sent {n}"
+            observed[kernel].append(t)
+            collect[kernel].append(tc)
+    t_plain = statistics.median(plain)
+    per_kernel = {}
+    for kernel in kernels:
+        t_obs, t_col = statistics.median(observed[kernel]), statistics.median(collect[kernel])
+        per_kernel[kernel] = {
+            "observed_s": observed[kernel], "collect_s": collect[kernel],
+            "observed_tok_per_s": n / t_obs,
+            "observed_incl_collect_tok_per_s": n / (t_obs + t_col),
+            "throughput_ratio": t_plain / t_obs,
+            "throughput_ratio_incl_collect": t_plain / (t_obs + t_col),
+        }
+    main = per_kernel[kernels[-1]]  # the memory passes and the headline use the last kernel
+    config = {**config, "kernel": kernels[-1]}
 
     memory = {}
     for label, count in (("small", args.tokens_small), ("large", args.tokens_large)):
@@ -162,22 +189,21 @@ def main() -> None:
     store_all_mb = (memory["large"]["tokens"] - memory["small"]["tokens"]) * width * layers * 4 / MB
     result = {
         "model": model, "layers": layers, "width": width, "dtype": args.dtype,
-        "tokens_per_pass": n, "reps": args.reps,
-        "plain_s": plain, "observed_s": observed, "collect_s": collect,
-        "plain_tok_per_s": tp_plain, "observed_tok_per_s": tp_obs,
-        "observed_incl_collect_tok_per_s": tp_obs_total,
-        "throughput_ratio": tp_obs / tp_plain,
-        "throughput_ratio_incl_collect": tp_obs_total / tp_plain,
+        "tokens_per_pass": n, "reps": args.reps, "kernel": kernels[-1],
+        "plain_s": plain, "plain_tok_per_s": n / t_plain,
+        **{k: v for k, v in main.items()},
+        "kernels": per_kernel,
         "memory": memory,
         "store_everything_growth_mb": store_all_mb,
     }
     print(f"model {model}: {layers} layers x {width} neurons, {n} tokens per pass, "
           f"median of {args.reps}")
-    print(f"  plain    {tp_plain:10.0f} tok/s   ({statistics.median(plain):.2f} s)")
-    print(f"  observed {tp_obs:10.0f} tok/s   ({statistics.median(observed):.2f} s)  "
-          f"ratio {tp_obs / tp_plain:.3f}")
-    print(f"  + collect/finalize {statistics.median(collect):.2f} s -> "
-          f"{tp_obs_total:.0f} tok/s, ratio {tp_obs_total / tp_plain:.3f}")
+    print(f"  plain                {n / t_plain:10.0f} tok/s   ({t_plain:.2f} s)")
+    for kernel, r in per_kernel.items():
+        print(f"  observed, {kernel:<10} {r['observed_tok_per_s']:10.0f} tok/s   "
+              f"({statistics.median(r['observed_s']):.2f} s)  ratio {r['throughput_ratio']:.3f}"
+              f"   + collect/finalize {statistics.median(r['collect_s']):.2f} s -> "
+              f"ratio {r['throughput_ratio_incl_collect']:.3f}")
     for label in ("small", "large"):
         m = memory[label]
         print(f"  peak worker RSS, observed {m['tokens']:>7} tokens: {m['peak_rss_mb']:8.1f} MiB "

@@ -157,7 +157,8 @@ def main() -> None:
 
     from eval.data import default_data_dir
     from eval.lm_eval_tasks.generate import generate
-    from server.launcher import ServerProcess, bind_worker_to_all_cores, exit_on_sigterm
+    from server.launcher import ServerProcess, exit_on_sigterm
+    from vllm_negablate.offline import bind_worker_to_all_cores
 
     exit_on_sigterm()  # a kill of this script still stops its server (finally below)
 

@@ -153,7 +153,8 @@ def main() -> None:
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     parts = set(args.parts.split(","))
 
-    from server.launcher import bind_worker_to_all_cores, exit_on_sigterm
+    from server.launcher import exit_on_sigterm
+    from vllm_negablate.offline import bind_worker_to_all_cores
     from vllm_negablate.models import resolve_model
 
     exit_on_sigterm()

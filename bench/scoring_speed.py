@@ -29,7 +29,7 @@ timings), unablated (plugin loaded, no neuron set), four ways:
   each next token's log-prob is ``logit - logsumexp`` (no full log-softmax written).
 * ``offline``: ``vllm.LLM`` (eager, the dtype, ``--max-num-batched-tokens``, ``--max-num-seqs``,
   ``--kv-cache-mb``; the CPU worker bound to all cores by
-  ``server.launcher.bind_worker_to_all_cores``) and ``vllm_negablate.offline.score_prompts``
+  ``vllm_negablate.offline.bind_worker_to_all_cores``) and ``vllm_negablate.offline.score_prompts``
   (``prompt_logprobs=0``, all sentences in one ``generate`` call).
 * ``served``: ``negablate serve`` (``server.launcher.serve``: a child process, same engine
   settings and binding) and ``eval.scoring.CompletionsScorer.score_ids`` (cache off,
@@ -512,7 +512,8 @@ def main() -> None:
     args.gemm_square = args.gemm_square or (512 if args.tiny else 2048)
     args.gemm_min_time = args.gemm_min_time if args.gemm_min_time is not None else (0.02 if args.tiny else 0.3)
 
-    from server.launcher import bind_worker_to_all_cores, exit_on_sigterm
+    from server.launcher import exit_on_sigterm
+    from vllm_negablate.offline import bind_worker_to_all_cores
 
     exit_on_sigterm()  # a kill of this script still stops its servers (the with-blocks)
     cores = sorted(os.sched_getaffinity(0))

@@ -136,7 +136,8 @@ def main() -> None:
                         help="HF: sentences per padded batch (the reference's eval_blimp default: 128)")
     args = parser.parse_args()
 
-    from server.launcher import ServerProcess, bind_worker_to_all_cores, exit_on_sigterm
+    from server.launcher import ServerProcess, exit_on_sigterm
+    from vllm_negablate.offline import bind_worker_to_all_cores
 
     cores = sorted(os.sched_getaffinity(0))
     if not args.no_bind_all_cores:

@@ -14,13 +14,15 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
+from vllm_negablate import defaults
+
 app = typer.Typer(
     name="eval",
     help=(
         "Evaluate a served model (optionally with a neuron set ablated) over HTTP.\n\n"
         "Every command talks to an OpenAI-compatible /v1/completions endpoint (`negablate serve`, "
         "or plain vLLM) and scores each sentence from the model's start token (recorded by embedded models, else BOS, else EOS), from prompt logprobs "
-        "(echo: true, logprobs: 1, max_tokens: 0). Select a neuron set with --model BASE@SET "
+        "(echo: true, logprobs: 0, max_tokens: 0). Select a neuron set with --model BASE@SET "
         "(or --neuron-set SET, sent as vllm_xargs); BASE@none (--neuron-set none) is the unablated "
         "model even while the server has a default set. Scores are cached in SQLite "
         "(~/.cache/negablate/eval-scores.sqlite, or $NEGABLATE_EVAL_CACHE): an interrupted run, "
@@ -224,7 +226,7 @@ def blimp(
     data_dir: DataDirOpt = None,
     out: OutOpt = None,
     concurrency: ConcOpt = 4,
-    batch_size: BatchOpt = 32,
+    batch_size: BatchOpt = defaults.SENTENCES_PER_REQUEST,
     max_batch_tokens: BatchTokOpt = 32768,
     cache: CacheOpt = None,
     no_cache: NoCacheOpt = False,
@@ -282,7 +284,7 @@ def tse(
     data_dir: DataDirOpt = None,
     out: OutOpt = None,
     concurrency: ConcOpt = 4,
-    batch_size: BatchOpt = 32,
+    batch_size: BatchOpt = defaults.SENTENCES_PER_REQUEST,
     max_batch_tokens: BatchTokOpt = 32768,
     cache: CacheOpt = None,
     no_cache: NoCacheOpt = False,

@@ -63,6 +63,7 @@ __all__ = [
     "load_tse",
     "load_tse_ml",
     "load_wikitext_rows",
+    "missing_data",
     "load_wikitext_text",
     "stratified_subsample",
 ]
@@ -532,6 +533,32 @@ def stratified_subsample(
             chosen = rng.choice(len(idx), size=limit_per_group, replace=False)
             keep[np.asarray(idx)[chosen]] = True
     return [p for p, k in zip(items, keep, strict=True) if k]
+
+
+# --------------------------------------------------------------------------- presence
+
+
+def missing_data(
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    blimp: bool = True,
+    tse: bool = True,
+    tse_ml: bool = False,
+    wikitext: Sequence[str] = ("valid.txt", "test.txt"),
+) -> list[str]:
+    """The files a run needs that ``data_dir`` lacks (relative paths, sorted; empty: all
+    there). Cheap (no file is read), so commands call it before any engine starts: a
+    missing test set found after discovery and a server start would cost minutes."""
+    root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
+    need: list[str] = []
+    if blimp:
+        need += [f"blimp/{p}.jsonl" for p in BLIMP_PARADIGMS]
+    if tse:
+        need += [f"tse/{t}.jsonl" for t in TSE_TESTS]
+    if tse_ml:
+        need += [f"tse-ml/{t}{_TSE_ML_SUFFIX}.jsonl" for t in TSE_ML_TESTS]
+    need += [f"wikitext-2/{name}" for name in wikitext]
+    return sorted(rel for rel in need if not (root / rel).is_file())
 
 
 # --------------------------------------------------------------------------- WikiText

@@ -50,6 +50,7 @@ def collect(out: Path, disc: Path, conditions: list[tuple[str, str | None, str]]
                 overall = cmp[-1]
                 row[f"{task}_delta"] = [overall.delta, overall.ci_lo, overall.ci_hi]
                 row[f"{task}_p"] = overall.p_value
+                row[f"{task}_mde"] = overall.mde
                 if task == "blimp":
                     phenomena[label] = {r.group: [r.delta, r.ci_lo, r.ci_hi] for r in cmp
                                         if r.level == "phenomenon"}
@@ -151,8 +152,8 @@ def _matched_note(disc: Path, conditions) -> list[str]:
 
 
 TABLE_COLUMNS = ("condition", "set", "neurons", "mode", "blimp_acc", "blimp_n", "blimp_delta",
-                 "blimp_ci_lo", "blimp_ci_hi", "blimp_p", "tse_acc", "tse_n", "tse_delta", "tse_ci_lo",
-                 "tse_ci_hi", "tse_p", "ppl", "ppl_ratio", "ppl_tokens")
+                 "blimp_ci_lo", "blimp_ci_hi", "blimp_p", "blimp_mde", "tse_acc", "tse_n", "tse_delta",
+                 "tse_ci_lo", "tse_ci_hi", "tse_p", "tse_mde", "ppl", "ppl_ratio", "ppl_tokens")
 
 
 def write_table_csv(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -208,18 +209,24 @@ def write_report(cfg: Any, disc: Path, conditions, model_dir: Path, elapsed_s: f
         f"BLiMP: {cfg.blimp_per_paradigm} pairs per paradigm (seed {cfg.seed}); TSE: "
         f"{cfg.tse_per_test} pairs per test (Newman et al. agreement set, per-token mean metric).",
         "Deltas are in accuracy points against the baseline, paired bootstrap 95% CI "
-        f"({cfg.n_boot} resamples); p: McNemar.",
+        f"({cfg.n_boot} resamples); p: McNemar; MDE: the smallest delta these pairs detect "
+        "(alpha 0.05, power 0.8) at the comparison's rate of pairs that change decision. "
+        "A delta smaller than its MDE is not evidence of no effect.",
         "",
-        "| condition | neurons | BLiMP acc | BLiMP delta [95% CI] | p | TSE acc | TSE delta [95% CI] | PPL | PPL ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| condition | neurons | BLiMP acc | BLiMP delta [95% CI] | p | MDE | TSE acc | TSE delta [95% CI] | p | MDE | PPL | PPL ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def cells(r: dict[str, Any], task: str) -> str:
+        if f"{task}_delta" not in r:
+            return "- | - | -"
+        return (f"{_fmt_ci(*r[f'{task}_delta'])} | {r[f'{task}_p']:.2g} | "
+                f"{r.get(f'{task}_mde', float('nan')) * 100:.1f}")
+
     for r in data["rows"]:
-        bd = _fmt_ci(*r["blimp_delta"]) if "blimp_delta" in r else "-"
-        td = _fmt_ci(*r["tse_delta"]) if "tse_delta" in r else "-"
-        p = f"{r['blimp_p']:.2g}" if "blimp_p" in r else "-"
         lines.append(
-            f"| {r['condition']} | {r['neurons']} | {r['blimp_acc'] * 100:.1f} | {bd} | {p} | "
-            f"{r['tse_acc'] * 100:.1f} | {td} | {r['ppl']:.2f} | {r['ppl_ratio']:.3f} |")
+            f"| {r['condition']} | {r['neurons']} | {r['blimp_acc'] * 100:.1f} | {cells(r, 'blimp')} | "
+            f"{r['tse_acc'] * 100:.1f} | {cells(r, 'tse')} | {r['ppl']:.2f} | {r['ppl_ratio']:.3f} |")
     lines += _matched_note(disc, conditions)
     lines += ["", "![BLiMP per-phenomenon deltas](blimp_phenomena_deltas.png)", ""]
     if figures["scores"]:

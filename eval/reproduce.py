@@ -36,20 +36,72 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from vllm_negablate.models import recorded_start_token
 from vllm_negablate import set_names
+from vllm_negablate.models import recorded_start_token
+from vllm_negablate.models.registry import UnknownModelError, get_spec
 from vllm_negablate.neuron_set import NeuronSet
 
 from eval.analysis.sweep import Condition, EvalSettings, condition_done, condition_for, evaluate_conditions
-from eval.data import default_data_dir
+from eval.data import default_data_dir, missing_data
 from eval.commands import negablate_command as _negablate
 from eval.commands import run_logged as _run
 from eval.reproduce_config import CONDITIONS, ReproduceConfig, condition_sets
 
-__all__ = ["CONDITIONS", "ReproduceConfig", "condition_sets", "reproduce", "reproduce_command"]
+__all__ = ["CONDITIONS", "PreflightError", "ReproduceConfig", "condition_sets", "preflight", "reproduce",
+           "reproduce_command"]
 
 console = Console(stderr=True)
 _R = ReproduceConfig()  # the defaults the command line shows
+
+
+class PreflightError(ValueError):
+    """The run cannot be done as asked; found before any engine starts."""
+
+
+# Settings that do not change what a run computes: where it writes, how it runs, how many
+# bootstrap draws its report takes (recomputed from the records on every run).
+_NOT_RESULT_SETTINGS = frozenset({"out", "kv_cache_mb", "cpu_bind_all_cores", "n_boot", "data_dir"})
+
+
+def preflight(cfg: ReproduceConfig) -> Path:
+    """Everything that can be checked without an engine, before one starts (a wrong model
+    name or a missing test set found after discovery and a server start costs minutes);
+    returns the data folder. Raises :class:`PreflightError`."""
+    if not Path(cfg.model).expanduser().is_dir():
+        try:
+            get_spec(cfg.model)
+        except UnknownModelError as e:
+            raise PreflightError(f"--model {cfg.model!r} is not a model folder, and {e}") from None
+    data_dir = cfg.data_dir or default_data_dir()
+    missing = missing_data(data_dir, tse=False, tse_ml=True)  # BLiMP, TSE agreement, WikiText
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise PreflightError(
+            f"the data folder {data_dir} lacks {len(missing)} file(s) the run reads: {shown} "
+            f"(point NEGABLATE_DATA_DIR at a complete copy; see ../shared/data/README.md)")
+    check_settings(cfg)
+    return data_dir
+
+
+def check_settings(cfg: ReproduceConfig) -> None:
+    """Refuse to resume into an output folder made with other result-determining settings:
+    its discovery, sets and runs would mix with this run's (only the runs are keyed by
+    their options; discovery and the matched control are reused as found)."""
+    path = cfg.out / "config.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"{path} cannot be read ({e}); use a new --out") from None
+    new = json.loads(cfg.model_dump_json())
+    changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(new)
+               if k not in _NOT_RESULT_SETTINGS and k in old and old[k] != new[k]]
+    if changed:
+        raise PreflightError(
+            f"{cfg.out} holds a run made with other settings ({'; '.join(changed)}); resuming "
+            f"would mix its discovery, sets and results with this run's. Use a new --out, or "
+            f"the folder's own settings (its config.json) to resume it.")
 
 
 def resolve_model(cfg: ReproduceConfig, logs: Path) -> Path:
@@ -120,15 +172,16 @@ def _add_elapsed(out: Path, seconds: float) -> float:
 
 
 def reproduce(cfg: ReproduceConfig) -> Path:
-    from server.launcher import bind_worker_to_all_cores, serve
+    from server.launcher import serve
+    from vllm_negablate.offline import bind_worker_to_all_cores
 
     t0 = time.monotonic()
+    data_dir = preflight(cfg)
     if cfg.cpu_bind_all_cores:
         bind_worker_to_all_cores()
     cfg.out.mkdir(parents=True, exist_ok=True)
     logs = cfg.out / "logs"
     logs.mkdir(exist_ok=True)
-    data_dir = cfg.data_dir or default_data_dir()
     (cfg.out / "config.json").write_text(cfg.model_dump_json(indent=2))
     model_dir = resolve_model(cfg, logs)
     console.print(f"model: {model_dir}")
@@ -188,12 +241,16 @@ def reproduce_command(
     except DtypeError as e:
         console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    reproduce(ReproduceConfig(
-        model=model, out=out, dtype=dtype, top_percent=top, discovery_tokens=discovery_tokens,
-        blimp_per_paradigm=blimp_per_paradigm, tse_per_test=tse_per_test, ppl_windows=ppl_windows,
-        window=window, seed=seed, match_tokens=match_tokens, match_max_iter=match_max_iter,
-        cpu_bind_all_cores=cpu_bind_all_cores,
-    ))
+    try:
+        reproduce(ReproduceConfig(
+            model=model, out=out, dtype=dtype, top_percent=top, discovery_tokens=discovery_tokens,
+            blimp_per_paradigm=blimp_per_paradigm, tse_per_test=tse_per_test,
+            ppl_windows=ppl_windows, window=window, seed=seed, match_tokens=match_tokens,
+            match_max_iter=match_max_iter, cpu_bind_all_cores=cpu_bind_all_cores,
+        ))
+    except PreflightError as e:
+        console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

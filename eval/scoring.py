@@ -63,6 +63,7 @@ from server.http import (
     auth_headers,
     normalize_base_url,
 )
+from vllm_negablate import defaults
 from vllm_negablate.neuron_set import NO_ABLATION, is_no_ablation
 from vllm_negablate.precision import normalize_dtype
 
@@ -160,7 +161,7 @@ class CompletionsScorer:
         start_token: int | str | None = None,
         cache: str | os.PathLike[str] | ScoreCache | Literal[False] | None = None,
         cache_namespace: str = "",
-        batch_size: int = 32,
+        batch_size: int = defaults.SENTENCES_PER_REQUEST,
         max_batch_tokens: int = 32768,
         concurrency: int = 4,
         max_retries: int = 5,

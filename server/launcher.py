@@ -27,8 +27,8 @@ from typing import Any
 import httpx
 
 from vllm_negablate import defaults
+from vllm_negablate.offline import bind_worker_to_all_cores
 
-ENV_CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 ENV_WORKER_SLOTS = "NEGABLATE_WORKER_SLOTS"
 ENV_WORKER_SLOTS_OLD = "NEGABLATE_MAX_SETS"  # the variable's old name, still read
 
@@ -37,23 +37,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def bind_worker_to_all_cores() -> None:
-    """Let vLLM's CPU worker use every core this process may run on.
-
-    By default vLLM keeps one core back for its scheduler, which on a 2-core
-    machine halves the worker. Scoring is one long forward pass per batch with
-    the scheduler idle, so all cores go to the worker (measured on Gemma 3 270M,
-    2 cores: 120 vs 70 prompt tokens/s). Set in this process's environment, so
-    servers started from here and in-process engines (discovery) both get it. A
-    value the user set is kept; the variable is ignored on GPUs.
-    """
-    if ENV_CPU_BIND in os.environ:
-        return
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if cores:
-        os.environ[ENV_CPU_BIND] = ",".join(map(str, cores))
 
 
 def exit_on_sigterm() -> None:

@@ -48,6 +48,9 @@ def _make_llm(model: str, *, tp: int, dtype: str, kv_cache_mb: int, max_model_le
               seed: int, max_num_seqs: int = 32):
     from vllm import LLM
 
+    from vllm_negablate.offline import bind_worker_to_all_cores
+
+    bind_worker_to_all_cores()  # CPU: the worker gets every core (a user's binding is kept)
     return LLM(
         model=model, tensor_parallel_size=tp, dtype=dtype, seed=seed,
         enforce_eager=True,  # steps replayed from CUDA graphs would not be observed

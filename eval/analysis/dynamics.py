@@ -351,7 +351,7 @@ def run_dynamics(cfg: DynamicsConfig) -> DynamicsResult:
     if len(set(labels)) != len(labels):
         raise ValueError(f"checkpoint labels must be unique: {labels}")
     if cfg.cpu_bind_all_cores:
-        from server.launcher import bind_worker_to_all_cores
+        from vllm_negablate.offline import bind_worker_to_all_cores
 
         bind_worker_to_all_cores()
     cfg.out.mkdir(parents=True, exist_ok=True)

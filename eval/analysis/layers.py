@@ -223,7 +223,7 @@ def run_layers(cfg: LayersConfig) -> LayersResult:
     """Build the sets, evaluate every condition (resuming), write JSON, CSV and PNG."""
     t0 = time.monotonic()
     if cfg.cpu_bind_all_cores and cfg.server is None:
-        from server.launcher import bind_worker_to_all_cores
+        from vllm_negablate.offline import bind_worker_to_all_cores
 
         bind_worker_to_all_cores()
     out = cfg.out

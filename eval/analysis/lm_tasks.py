@@ -717,7 +717,8 @@ def register(app: typer.Typer) -> None:
         factory = None
         if model_dir is not None:
             def factory():
-                from server.launcher import ENV_WORKER_SLOTS, ServerProcess, bind_worker_to_all_cores, worker_slots
+                from server.launcher import ENV_WORKER_SLOTS, ServerProcess, worker_slots
+                from vllm_negablate.offline import bind_worker_to_all_cores
 
                 if cpu_bind_all_cores:
                     bind_worker_to_all_cores()

@@ -134,7 +134,7 @@ def run_precision(model_dir: Path, sets: Sequence[NeuronSet], out: Path, *, mode
     from eval.tasks import load_records
 
     settings = EvalSettings(blimp_per_paradigm=blimp_per_paradigm, ppl_windows=0, seed=seed,
-                            n_boot=n_boot, data_dir=data_dir, batch_size=64, concurrency=4)
+                            n_boot=n_boot, data_dir=data_dir, batch_size=defaults.SENTENCES_PER_REQUEST, concurrency=4)
     conditions: list[Condition] = [condition_for(BASELINE, BASELINE, None)]
     conditions += [condition_for(ns.name, ns.name, ns) for ns in sets]
     sets_dir = out / "sets"
@@ -245,7 +245,7 @@ def register(app: typer.Typer) -> None:
             --set report/discovery/sets/wasserstein-top1.json
             --set report/discovery/sets/random-top1-s0.json --out docs/results/precision/smollm2-135m
         """
-        from server.launcher import bind_worker_to_all_cores
+        from vllm_negablate.offline import bind_worker_to_all_cores
         from vllm_negablate.models import recorded_start_token, resolve_model
 
         try:

@@ -64,7 +64,7 @@ class EvalSettings(BaseModel):
     seed: int = 0
     n_boot: int = 2000
     concurrency: int = 2
-    batch_size: int = 32
+    batch_size: int = defaults.SENTENCES_PER_REQUEST
     data_dir: Path | None = None
 
 

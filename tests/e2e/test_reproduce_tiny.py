@@ -16,6 +16,7 @@ import pytest
 
 from eval.data import default_data_dir
 from eval.reproduce import ReproduceConfig, condition_sets, reproduce
+from eval.stats import minimal_detectable_effect
 from eval.tasks import load_records, load_summary
 from vllm_negablate.testing.tiny_models import build_tiny_model
 
@@ -66,6 +67,10 @@ def test_table_numbers_come_from_the_records(run):
                 base_acc = sum(r["correct"] for r in base[task]) / len(base[task])
                 assert row[f"{task}_delta"][0] == pytest.approx(acc - base_acc, abs=1e-12)
                 assert row[f"{task}_delta"][1] <= row[f"{task}_delta"][0] <= row[f"{task}_delta"][2]
+                before = {(r["paradigm"], r["pair_id"]): r["correct"] for r in base[task]}
+                flips = sum(r["correct"] != before[(r["paradigm"], r["pair_id"])] for r in recs)
+                assert row[f"{task}_mde"] == pytest.approx(
+                    minimal_detectable_effect(len(recs), flips / len(recs)), rel=1e-12)
         ppl = load_summary(runs / row["condition"] / "perplexity").ppl
         assert row["ppl_ratio"] == pytest.approx(ppl / base_ppl, rel=1e-12)
     # the CSV other tools read has the same numbers
@@ -73,6 +78,7 @@ def test_table_numbers_come_from_the_records(run):
         table = list(csv.DictReader(fh))
     assert [t["condition"] for t in table] == [r["condition"] for r in report["rows"]]
     assert [float(t["blimp_acc"]) for t in table] == pytest.approx([r["blimp_acc"] for r in report["rows"]])
+    assert "| MDE |" in (cfg.out / "REPORT.md").read_text()
 
 
 def test_ablations_change_scores_and_counts_match_the_sets(run):

@@ -340,3 +340,28 @@ def test_unpaired_diff_stderr():
     assert unpaired_diff_stderr(0.03, 0.04) == pytest.approx(0.05, rel=1e-15)
     assert unpaired_diff_stderr(0.05, 0.05) == pytest.approx(math.sqrt(0.005), rel=1e-15)
     assert unpaired_diff_stderr(0.0, 0.02) == 0.02
+
+
+def test_minimal_detectable_effect():
+    from eval.stats import minimal_detectable_effect
+
+    z = 1.959963984540054 + 0.8416212335729143
+    assert minimal_detectable_effect(1005, 0.05) == pytest.approx(z * (0.05 / 1005) ** 0.5, rel=1e-12)
+    assert minimal_detectable_effect(1005, 0.05) == pytest.approx(0.019761, abs=1e-6)  # ~2 points
+    assert minimal_detectable_effect(67_000, 0.05) == pytest.approx(0.002420, abs=1e-6)
+    assert minimal_detectable_effect(100, 0.0) == 0.0
+    assert math.isnan(minimal_detectable_effect(0, 0.1))
+    # stricter level, higher power: larger
+    assert minimal_detectable_effect(1000, 0.1, alpha=0.01, power=0.9) > minimal_detectable_effect(1000, 0.1)
+    with pytest.raises(ValueError):
+        minimal_detectable_effect(10, 1.5)
+
+
+def test_comparison_rows_carry_their_mde():
+    from eval.stats import compare_runs, minimal_detectable_effect
+
+    a = [{"source": "blimp", "paradigm": "p", "pair_id": i, "correct": i % 2 == 0} for i in range(200)]
+    b = [{**r, "correct": r["correct"] if r["pair_id"] % 10 else not r["correct"]} for r in a]
+    row = compare_runs(a, b, group_keys=())[0]
+    assert (row.b01 + row.b10) == 20
+    assert row.mde == pytest.approx(minimal_detectable_effect(200, 20 / 200))

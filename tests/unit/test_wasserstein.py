@@ -195,11 +195,17 @@ def _stream(x, est=None, batch=2048, **kw):
     return est
 
 
+KERNELS = ["torch", "numba"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", ["gaussian", "student_t3", "gelu_like_mixture", "drift"])
-def test_streaming_matches_exact(name):
+def test_streaming_matches_exact(name, kernel):
     x = _dist(name).astype(np.float32)
     exact_w, exact_n = exact_w1_split_columns(standardize_columns(x))
-    r = _stream(torch.from_numpy(x)).finalize()
+    est = _stream(torch.from_numpy(x), kernel=kernel)
+    assert est.uses_cpu_kernels == (kernel == "numba")
+    r = est.finalize()
     assert np.abs(r["w1"] - exact_w).max() <= 1e-3
     assert np.abs(r["w1_negative"] - exact_n).max() <= 1e-3
     assert (r["count"] == x.shape[0]).all() and (r["out_of_range"] == 0).all()
@@ -219,7 +225,8 @@ def test_out_of_range_is_reported():
     assert (r["out_of_range"] > 0.4).all()
 
 
-def test_streaming_bfloat16_lattice():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_streaming_bfloat16_lattice(kernel):
     # bf16 values sit on a coarse lattice (here ~0.2 std apart for some neurons): bins
     # holding few lattice points are modelled as point masses, not uniform densities.
     rng = np.random.default_rng(5)
@@ -227,7 +234,7 @@ def test_streaming_bfloat16_lattice():
     x = rng.normal(rng.uniform(-8, 8, k), rng.uniform(0.02, 0.5, k), (T_STREAM, k))
     xb = torch.from_numpy(x).to(torch.bfloat16)
     exact_w, exact_n = exact_w1_split_columns(standardize_columns(xb.double().numpy()))
-    est = _stream(xb)
+    est = _stream(xb, kernel=kernel)
     assert est.lattice == "bfloat16"
     r = est.finalize()
     assert np.abs(r["w1"] - exact_w).max() <= 1e-3
@@ -243,10 +250,11 @@ def test_few_tokens_are_exact():
     np.testing.assert_allclose(r["w1"], exact, atol=1e-12)
 
 
-def test_merge_of_two_halves_equals_one_pass():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_merge_of_two_halves_equals_one_pass(kernel):
     x = torch.from_numpy(_dist("gelu_like_mixture")[:20_000].astype(np.float32))
-    whole = _stream(x)
-    first = _stream(x[:10_000])
+    whole = _stream(x, kernel=kernel)
+    first = _stream(x[:10_000], kernel=kernel)
     second = _stream(x[10_000:], est=first.empty_like())  # same grid as `first`
     first.merge(second)
     assert first.count == whole.count
@@ -255,12 +263,83 @@ def test_merge_of_two_halves_equals_one_pass():
     for key in ("mean", "std", "skew", "kurtosis", "w1", "w1_negative"):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-10, atol=1e-12, err_msg=key)
     # a shard still in warm-up is binned onto the other's grid when merged
-    early = _stream(x[:300], batch=100)
-    late = _stream(x[300:], est=StreamingW1Estimator())
+    early = _stream(x[:300], batch=100, kernel=kernel)
+    late = _stream(x[300:], est=StreamingW1Estimator(kernel=kernel))
     with pytest.raises(ValueError):
         _stream(x[:5000]).merge(late)  # different grids refuse to merge
     late.merge(early)
     assert late.count == 20_000 and (late.hist.sum(1) == 20_000).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernels_agree_with_the_torch_reference(dtype):
+    # The numba kernels and the torch formulation: same moments to float64 rounding, the
+    # same bins but for values within ~1e-7 of an edge (torch's float32 asinh vs a lookup
+    # against float32 edges; bf16 values sit on lattice points, so they move in lumps),
+    # hence the same scores. Against bins from a float64 asinh of the same standardized
+    # values the lookup is the exact one (measured: 0-1 values off, torch 21-177).
+    x = torch.from_numpy(_dist("gelu_like_mixture")).to(dtype)
+    ref, fast = _stream(x, kernel="torch"), _stream(x, kernel="numba")
+    assert ref.count == fast.count == T_STREAM
+    values = T_STREAM * K_STREAM
+    assert (ref.hist - fast.hist).abs().sum().item() / 2 <= 1e-3 * values
+    c = ref.center.to(torch.float32)
+    inv = ref._inv_scale().to(torch.float32)
+    y = ((x.to(torch.float32) - c) * inv).double().numpy()
+    b = np.clip(np.floor((np.arcsinh(y) + ref.u_max) / ref.du), -1, ref.nbins).astype(int) + 1
+    exact = np.zeros(ref.hist.shape, dtype=np.int64)
+    np.add.at(exact, (np.broadcast_to(np.arange(K_STREAM), b.shape), b), 1)
+    assert np.abs(fast.hist.numpy() - exact).sum() / 2 <= 1e-5 * values
+    for name in ("mean", "m2", "m3", "m4", "min", "max"):
+        torch.testing.assert_close(getattr(fast, name), getattr(ref, name), rtol=1e-11,
+                                   atol=1e-9, msg=name)
+    a, b = ref.finalize(), fast.finalize()
+    for key in ("w1", "w1_negative", "skew", "kurtosis"):
+        np.testing.assert_allclose(b[key], a[key], rtol=0, atol=2e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernels_read_strided_batches_and_any_width(dtype):
+    # vLLM's gate is a column slice of the fused gate/up output: the kernels read it in
+    # place; 37 neurons leave a partial block and split unevenly across two threads.
+    rng = np.random.default_rng(11)
+    wide = torch.from_numpy(rng.standard_t(4, (6000, 74)).astype(np.float32)).to(dtype)
+    gate = wide[:, :37]
+    assert not gate.is_contiguous()
+    strided = _stream(gate, kernel="numba")
+    packed = _stream(gate.contiguous(), kernel="numba")
+    reference = _stream(gate, kernel="torch")
+    assert torch.equal(strided.hist, packed.hist)
+    assert (strided.hist - reference.hist).abs().sum().item() / 2 <= 1e-3 * gate.numel()
+    for name in ("mean", "m2", "min", "max"):
+        torch.testing.assert_close(getattr(strided, name), getattr(packed, name), rtol=0, atol=0)
+        torch.testing.assert_close(getattr(strided, name), getattr(reference, name),
+                                   rtol=1e-11, atol=1e-9)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 100 * K_STREAM])
+def test_cpu_kernels_refuse_non_finite_values_and_keep_the_state(chunk_elements):
+    # once the grid is set, moments and counts are done in one read: a NaN in the 8th of
+    # 10 chunks of 100 rows means 7 chunks' counts are taken back out
+    x = torch.from_numpy(_dist("student_t3")[:4096].astype(np.float32))
+    est = _stream(x, kernel="numba", chunk_elements=chunk_elements)
+    before = {k: v.copy() if isinstance(v, np.ndarray) else v
+              for k, v in est.state_dict().items()}
+    bad = x[:1000].clone()
+    bad[700, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        est.update(bad)
+    bad[700, 3] = float("-inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        est.update(bad)
+    after = est.state_dict()
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+
+
+def test_kernel_choice_is_validated():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        StreamingW1Estimator(kernel="fortran")
 
 
 def test_state_dict_round_trip(tmp_path):

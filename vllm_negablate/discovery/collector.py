@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -81,6 +81,11 @@ class ObserverConfig(BaseModel):
     range_std: float = 1.0e5
     lattice: str | None = "auto"
     chunk_elements: int = 1 << 22
+    kernel: Literal["auto", "numba", "torch"] = Field(
+        default="auto",
+        description="'auto': numba kernels for CPU statistics, torch for CUDA; 'torch': the "
+        "reference formulation everywhere (slower on CPU, same scores).",
+    )
 
     def estimator_kwargs(self) -> dict[str, Any]:
         return dict(
@@ -90,6 +95,7 @@ class ObserverConfig(BaseModel):
             range_std=self.range_std,
             lattice=self.lattice,
             chunk_elements=self.chunk_elements,
+            kernel=self.kernel,
         )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from vllm_negablate import defaults
+from vllm_negablate.discovery import cpu_kernels
 from vllm_negablate.discovery.wasserstein import (
     exact_w1_split_columns,
     w1_histogram_to_std_normal,
@@ -68,6 +69,7 @@ _LATTICE_DTYPES = {v: k for k, v in _LATTICE_NAMES.items()}
 _LATTICE_MODES = ("auto", None, "bfloat16", "float16")
 _LATTICE_MANTISSA = {"bfloat16": 7, "float16": 10}  # explicit mantissa bits
 _ATOMS_PER_BIN = 32  # lattice bins with more points than this stay uniform densities
+_KERNELS = ("auto", "numba", "torch")
 
 
 def _lattice_ord(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -117,6 +119,11 @@ def _fast_asinh_(y: torch.Tensor) -> torch.Tensor:
     return r.log1p_().mul_(sign)
 
 
+def _float32_numpy(x: torch.Tensor) -> np.ndarray:
+    """A C-contiguous float32 numpy view (or copy, for other dtypes) of a CPU tensor."""
+    return x.detach().to(torch.float32).contiguous().numpy()
+
+
 # --------------------------------------------------------------------------------------
 # The estimator
 # --------------------------------------------------------------------------------------
@@ -157,6 +164,12 @@ class StreamingW1Estimator:
       error on bf16 data reached 2.6e-3 (measured), with it it is ~1e-4. Pass
       ``lattice="bfloat16"`` if bf16 values arrive upcast to float32, ``None`` to disable.
 
+    * **Kernels.** ``kernel="torch"`` is the reference formulation (and the only one for
+      CUDA tensors). On CPU, ``"auto"`` (the default) runs the fused numba kernels of
+      :mod:`~vllm_negablate.discovery.cpu_kernels` instead: same moments (float64 sums
+      around the running mean, merged the same way), same bin formula, several times
+      faster inside the forward pass. ``"numba"`` insists on them.
+
     Memory: ``(nbins + 2) * 4`` bytes of counts + 8 float64 per neuron
     (``memory_bytes()``), independent of the number of tokens once warm-up is over.
 
@@ -177,7 +190,13 @@ class StreamingW1Estimator:
         lattice: str | None = "auto",
         device: torch.device | str | None = None,
         chunk_elements: int = 1 << 22,
+        kernel: str = "auto",
     ) -> None:
+        if kernel not in _KERNELS:
+            raise ValueError(f"kernel must be one of {list(_KERNELS)}, got {kernel!r}")
+        if kernel == "numba" and not cpu_kernels.available():
+            raise ValueError(f"kernel='numba' needs numba: {cpu_kernels.unavailable_reason()}")
+        self.kernel = kernel
         if lattice not in _LATTICE_MODES:
             raise ValueError(f"lattice must be one of {sorted(map(str, _LATTICE_MODES))}")
         if nbins < 2:
@@ -195,6 +214,7 @@ class StreamingW1Estimator:
         # the value lattice actually in force ("bfloat16"/"float16") or None (continuous)
         self.lattice: str | None = None if lattice in (None, "auto") else lattice
         self._lattice_seen = False
+        self._tables: tuple[np.ndarray, np.ndarray, int] | None = None  # CPU kernels' bin lookup
         self.u_max = math.asinh(self.range_std / self.core_scale)
         self.du = 2.0 * self.u_max / self.nbins
         self.device = torch.device(device) if device is not None else None
@@ -235,13 +255,23 @@ class StreamingW1Estimator:
     def has_grid(self) -> bool:
         return self.hist is not None
 
+    @property
+    def uses_cpu_kernels(self) -> bool:
+        """Whether updates run the numba kernels (CPU state, ``kernel`` not ``"torch"``)."""
+        return (
+            self.kernel != "torch"
+            and cpu_kernels.available()
+            and self.device is not None
+            and self.device.type == "cpu"
+        )
+
     def empty_like(self) -> StreamingW1Estimator:
         """A fresh estimator with the same configuration and (if set) the same grid.
 
         Use it for shards that must be merged exactly: build the grid once (warm-up on
         one shard), then give every other shard ``empty_like()``.
         """
-        new = StreamingW1Estimator(**self._config(), device=self.device)
+        new = StreamingW1Estimator(**self._config(), device=self.device, kernel=self.kernel)
         new.lattice, new._lattice_seen = self.lattice, self._lattice_seen
         if self.num_neurons is not None:
             new._allocate(self.num_neurons, self.device)
@@ -298,11 +328,15 @@ class StreamingW1Estimator:
         t = h.shape[0]
         if t == 0:
             return
-        if not bool(torch.isfinite(h).all()):
-            raise ValueError("pre-activations contain NaN or inf")
         rows = max(1, self.chunk_elements // max(1, self.num_neurons))
-        for start in range(0, t, rows):
-            self._update_moments(h[start : start + rows])
+        if self.uses_cpu_kernels:
+            if self._update_cpu(h, rows):  # checks finiteness before anything changes
+                return  # moments and counts done in one read
+        else:
+            if not bool(torch.isfinite(h).all()):
+                raise ValueError("pre-activations contain NaN or inf")
+            for start in range(0, t, rows):
+                self._update_moments(h[start : start + rows])
         if self.has_grid:
             self._bin(h)
             return
@@ -320,15 +354,50 @@ class StreamingW1Estimator:
 
     def _update_moments(self, x: torch.Tensor) -> None:
         x = x.to(torch.float64)
-        nb = x.shape[0]
         mb = x.mean(dim=0)
         d = x - mb
         d2 = d * d
         m2b = d2.sum(dim=0)
         m3b = (d2 * d).sum(dim=0)
         m4b = (d2 * d2).sum(dim=0)
-        self.min = torch.minimum(self.min, x.min(dim=0).values)
-        self.max = torch.maximum(self.max, x.max(dim=0).values)
+        self._add_moments(x.shape[0], mb, m2b, m3b, m4b, x.min(dim=0).values, x.max(dim=0).values)
+
+    def _update_cpu(self, h: torch.Tensor, rows: int) -> bool:
+        """The numba path: moments (power sums around one shift: the running mean, else the
+        batch's first row, so no cancellation) and, once the grid is set, the counts in the
+        same read. Returns whether the counts were done. A non-finite value anywhere
+        raises with the state as it was (counts already added are taken back out)."""
+        shift = self.mean.numpy() if self.count > 0 else h[0].to(torch.float64).numpy()
+        fused = self.has_grid
+        if fused:
+            if self.hist.dtype == torch.int32 and self.count + h.shape[0] >= 2**31 - 1:
+                self.hist = self.hist.to(torch.int64)
+            grid = (self.center.numpy().astype(np.float32),
+                    self._inv_scale().numpy().astype(np.float32), self._bin_tables())
+            hist = self.hist.numpy()  # shares memory with the state
+        parts, counted = [], []
+        for start in range(0, h.shape[0], rows):
+            x = cpu_kernels.kernel_input(h[start : start + rows])
+            if fused:
+                *sums, lo, hi, finite = cpu_kernels.sums_and_bin_counts(x, shift, *grid, hist)
+                counted.append(x)
+            else:
+                *sums, lo, hi, finite = cpu_kernels.shifted_power_sums(x, shift)
+            if not finite:
+                for done in counted:
+                    cpu_kernels.remove_bin_counts(done, *grid, hist)
+                raise ValueError("pre-activations contain NaN or inf")
+            nb = x[0].shape[0]
+            parts.append((nb, cpu_kernels.central_from_shifted(nb, shift, *sums), lo, hi))
+        for nb, (mb, m2b, m3b, m4b), lo, hi in parts:
+            as_t = torch.from_numpy
+            self._add_moments(nb, as_t(mb), as_t(m2b), as_t(m3b), as_t(m4b), as_t(lo), as_t(hi))
+        return fused
+
+    def _add_moments(self, nb, mb, m2b, m3b, m4b, lo, hi) -> None:
+        """Merge one batch's ``(count, mean, M2, M3, M4, min, max)`` into the state."""
+        self.min = torch.minimum(self.min, lo)
+        self.max = torch.maximum(self.max, hi)
         if self.count == 0:
             self.count, self.mean, self.m2, self.m3, self.m4 = nb, mb, m2b, m3b, m4b
         else:
@@ -338,11 +407,21 @@ class StreamingW1Estimator:
         if self.hist is not None and self.hist.dtype == torch.int32 and self.count >= 2**31 - 1:
             self.hist = self.hist.to(torch.int64)
 
+    def _bin_tables(self) -> tuple[np.ndarray, np.ndarray, int]:
+        # built once per estimator (the grid in standardized units is fixed by nbins, range)
+        if self._tables is None:
+            self._tables = cpu_kernels.bin_tables(self.u_max, self.du, self.nbins)
+        return self._tables
+
     def _inv_scale(self) -> torch.Tensor:
         return 1.0 / (self.scale * self.core_scale)
 
     def _bin_of(self, x: torch.Tensor, c: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
         # The one place values are mapped to bins (update and lattice finalize agree).
+        if self.uses_cpu_kernels and x.ndim == 1:  # lattice points: as the kernel binned them
+            shape = torch.broadcast_shapes(x.shape, c.shape, inv.shape)
+            flat = [_float32_numpy(t.expand(shape)) for t in (x, c, inv)]
+            return torch.from_numpy(cpu_kernels.bin_values(*flat, self._bin_tables()))
         u = _fast_asinh_((x - c).mul_(inv))
         b = u.add_(self.u_max).mul_(1.0 / self.du).floor_()
         return b.clamp_(-1, self.nbins).to(torch.int64) + 1
@@ -350,6 +429,15 @@ class StreamingW1Estimator:
     def _bin(self, x: torch.Tensor) -> None:
         k, width = self.num_neurons, self.nbins + 2
         rows = max(1, self.chunk_elements // max(1, k))
+        if self.uses_cpu_kernels:
+            center = self.center.numpy().astype(np.float32)
+            inv = self._inv_scale().numpy().astype(np.float32)
+            hist = self.hist.numpy()  # shares memory with the state
+            tables = self._bin_tables()
+            for start in range(0, x.shape[0], rows):
+                cpu_kernels.add_bin_counts(cpu_kernels.kernel_input(x[start : start + rows]),
+                                           center, inv, tables, hist)
+            return
         dt = torch.promote_types(x.dtype, torch.float32)
         c = self.center.to(dt)[:, None]
         inv = self._inv_scale().to(dt)[:, None]

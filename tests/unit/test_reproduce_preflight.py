@@ -1,0 +1,95 @@
+"""`negablate reproduce` refuses what it cannot do before any engine starts: an unknown model,
+a data folder missing files the run reads, an output folder made with other settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import eval.reproduce as rep
+from eval.data import BLIMP_PARADIGMS, TSE_ML_TESTS, TSE_TESTS, missing_data
+from eval.reproduce import PreflightError, ReproduceConfig, preflight
+
+
+def _data(root: Path, *, drop: tuple[str, ...] = ()) -> Path:
+    """An empty-file stand-in of ../shared/data with every file reproduce reads."""
+    files = ([f"blimp/{p}.jsonl" for p in BLIMP_PARADIGMS]
+             + [f"tse/{t}.jsonl" for t in TSE_TESTS]
+             + [f"tse-ml/{t}_all.jsonl" for t in TSE_ML_TESTS]
+             + ["wikitext-2/valid.txt", "wikitext-2/test.txt"])
+    for rel in files:
+        if rel not in drop:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text("")
+    return root
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(rep.reproduce_command)
+    return app
+
+
+def test_missing_data_names_each_missing_file(tmp_path):
+    root = _data(tmp_path, drop=("blimp/wh_island.jsonl", "tse/simple_npi_anim.jsonl",
+                                 "wikitext-2/test.txt"))
+    assert missing_data(root) == ["blimp/wh_island.jsonl", "tse/simple_npi_anim.jsonl",
+                                  "wikitext-2/test.txt"]
+    assert missing_data(root, tse=False) == ["blimp/wh_island.jsonl", "wikitext-2/test.txt"]
+    assert missing_data(root, blimp=False, tse=False, wikitext=()) == []
+    assert len(missing_data(tmp_path / "nowhere", tse_ml=True)) == 67 + 22 + 15 + 2
+
+
+def test_preflight_accepts_a_complete_setup(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    data = _data(tmp_path / "data")
+    cfg = ReproduceConfig(model=str(model), out=tmp_path / "out", data_dir=data)
+    assert preflight(cfg) == data
+    assert preflight(cfg.model_copy(update={"model": "smollm2-135m"})) == data  # embedded name
+
+
+def test_preflight_refuses_an_unknown_model(tmp_path):
+    cfg = ReproduceConfig(model="gpt-17", out=tmp_path / "out", data_dir=_data(tmp_path / "d"))
+    with pytest.raises(PreflightError, match=r"'gpt-17' is not a model folder.*gemma-3-270m"):
+        preflight(cfg)
+
+
+def test_preflight_refuses_a_data_folder_missing_a_test_set(tmp_path):
+    data = _data(tmp_path / "d", drop=tuple(f"tse-ml/{t}_all.jsonl" for t in TSE_ML_TESTS[:8]))
+    cfg = ReproduceConfig(model="smollm2-135m", out=tmp_path / "out", data_dir=data)
+    with pytest.raises(PreflightError, match=r"lacks 8 file\(s\).*tse-ml/long_vp_coord_all.jsonl.* and 2 more"):
+        preflight(cfg)
+
+
+def test_preflight_refuses_an_output_folder_with_other_settings(tmp_path):
+    data = _data(tmp_path / "d")
+    out = tmp_path / "out"
+    out.mkdir()
+    first = ReproduceConfig(model="smollm2-135m", out=out, data_dir=data, blimp_per_paradigm=15)
+    (out / "config.json").write_text(first.model_dump_json())
+    # how a run runs, or where, may change; what it computes may not
+    preflight(first.model_copy(update={"kv_cache_mb": 4096, "n_boot": 10_000, "cpu_bind_all_cores": False}))
+    with pytest.raises(PreflightError, match=r"blimp_per_paradigm 15 -> 200; top_percent 1.0 -> 2.0"):
+        preflight(first.model_copy(update={"blimp_per_paradigm": 200, "top_percent": 2.0}))
+    # a setting the old folder did not record is not held against it
+    old = json.loads((out / "config.json").read_text())
+    del old["match_tol"]
+    (out / "config.json").write_text(json.dumps(old))
+    preflight(first.model_copy(update={"match_tol": 0.05}))
+
+
+def test_the_command_stops_before_any_engine(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(rep, "bind_worker_to_all_cores", lambda: started.append("bind"), raising=False)
+    monkeypatch.setattr(rep, "resolve_model", lambda *a: started.append("model"))
+    monkeypatch.setattr(rep, "discover", lambda *a: started.append("discovery"))
+    monkeypatch.setattr("vllm_negablate.offline.bind_worker_to_all_cores", lambda: started.append("bind"))
+    monkeypatch.setenv("NEGABLATE_DATA_DIR", str(_data(tmp_path / "d")))
+    res = CliRunner().invoke(_app(), ["--model", "gpt-17", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "not a model folder" in res.output, res.output
+    assert not started and not (tmp_path / "r").exists()
