@@ -135,20 +135,27 @@ def plot_counts(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def _matched_note(disc: Path, conditions) -> list[str]:
-    """How close the perplexity-matched control came to its target (from the set's provenance)."""
+    """How close each perplexity-matched control came to its target (from its provenance)."""
+    lines = []
     for label, set_name, _ in conditions:
         path = disc / "sets" / f"{set_name}.json"
         if not set_name or not set_name.startswith("perplexity-matched") or not path.exists():
             continue
         src = json.loads(path.read_text()).get("provenance", {}).get("source", {})
         if "target_perplexity" not in src:
-            return []
+            continue
         state = ("matched within the tolerance" if src.get("converged")
                  else "**not matched** (closest count kept; read its row with care)")
-        return ["", f"{label}: perplexity {src['perplexity']:.2f} against the Wasserstein set's "
-                    f"{src['target_perplexity']:.2f} on {src.get('eval_tokens', '?')} held-out tokens, "
-                    f"{state}, after {src.get('iterations', '?')} evaluations."]
-    return []
+        tol = src.get("tolerance")
+        base = src.get("baseline_perplexity")
+        lines.append(
+            f"{label}: perplexity {src['perplexity']:.2f} against the Wasserstein set's "
+            f"{src['target_perplexity']:.2f}" + (f" (unablated {base:.2f})" if base else "")
+            + f" on {src.get('eval_tokens', '?')} held-out tokens"
+            + (f", tolerance {tol:.2%}" if tol is not None else "")
+            + (f" ({src['tolerance_effect']:g} of the set's effect)" if src.get("tolerance_effect") else "")
+            + f", {state}, after {src.get('iterations', '?')} evaluations.")
+    return ["", *lines] if lines else []
 
 
 TABLE_COLUMNS = ("condition", "set", "neurons", "mode", "blimp_acc", "blimp_n", "blimp_delta",

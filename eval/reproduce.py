@@ -131,16 +131,20 @@ def discover(cfg: ReproduceConfig, model_dir: Path, data_dir: Path, logs: Path) 
 
 
 def match_perplexity(cfg: ReproduceConfig, model_dir: Path, disc: Path, data_dir: Path, logs: Path) -> None:
-    name = set_names.perplexity_matched(cfg.top_percent, cfg.seed)
-    if (disc / "sets" / f"{name}.json").exists():
-        console.print("[green]perplexity-matched control: done earlier[/green]")
+    """Both perplexity-matched controls (random and lowest-W1 neurons), one engine."""
+    pools = [pool for pool in ("random", "bottom") if not (
+        disc / "sets" / f"{set_names.perplexity_matched(cfg.top_percent, cfg.seed, pool=pool)}.json").exists()]
+    if not pools:
+        console.print("[green]perplexity-matched controls: done earlier[/green]")
         return
+    tol = (["--tol-effect", str(cfg.match_tol_effect)] if cfg.match_tol_effect is not None
+           else ["--tol", str(cfg.match_tol)])
     _run(_negablate(
         "neurons", "control", str(disc), "--kind", "perplexity-matched", "--model", str(model_dir),
         "--top", f"{cfg.top_percent:g}", "--seed", str(cfg.seed),
         "--eval-corpus", str(data_dir / "wikitext-2" / "test.txt"),
         "--eval-tokens", str(cfg.match_tokens), "--window", str(cfg.window),
-        "--tol", str(cfg.match_tol), "--max-iter", str(cfg.match_max_iter),
+        *tol, "--max-iter", str(cfg.match_max_iter), "--pool", ",".join(pools),
         "--dtype", cfg.dtype, "--kv-cache-mb", str(cfg.kv_cache_mb), "--out", str(disc / "sets"),
         # an unmatched control is still a control: the report states how close it got
         "--save-unconverged",
@@ -229,7 +233,8 @@ def reproduce_command(
     Finds Wasserstein neurons inside vLLM (WikiText-2 valid), builds the random and
     perplexity-matched controls, serves every condition with `negablate serve`, and
     evaluates baseline / Wasserstein-negative / Wasserstein-positive / random-negative /
-    perplexity-matched-negative on BLiMP, TSE and WikiText-2 test perplexity. Writes
+    perplexity-matched-negative (random neurons) / perplexity-matched-bottom-negative
+    (lowest-W1 neurons) on BLiMP, TSE and WikiText-2 test perplexity. Writes
     OUT/REPORT.md, report.json and PNG charts. Interrupted? Run the same command again.
 
     Example: negablate reproduce --blimp-per-paradigm 100 --out report-100

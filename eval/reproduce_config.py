@@ -35,8 +35,11 @@ class ReproduceConfig(BaseModel):
     blimp_per_paradigm: int = 15
     tse_per_test: int = 20
     ppl_windows: int = 8
-    match_tokens: int = 4_096
-    match_tol: float = 0.02
+    match_tokens: int = 16_384
+    match_tol: float = 0.02  # relative; used only when match_tol_effect is None
+    # tolerance of the perplexity-matched search as a share of the Wasserstein set's own
+    # log-perplexity effect (a fixed 2% accepted even the unablated model on Gemma)
+    match_tol_effect: float | None = 0.1
     match_max_iter: int = 8
     cpu_bind_all_cores: bool = True
     seed: int = 0
@@ -60,6 +63,8 @@ CONDITIONS = [
     ("wasserstein-positive", "same neurons, positive side zeroed"),
     ("random-negative", "random neurons, same count per layer"),
     ("perplexity-matched-negative", "random neurons, count matched to the Wasserstein perplexity"),
+    ("perplexity-matched-bottom-negative",
+     "lowest-W1 neurons (the reference's `bottom`), count matched to the Wasserstein perplexity"),
 ]
 
 
@@ -72,5 +77,6 @@ def condition_sets(cfg: ReproduceConfig) -> list[tuple[str, str | None, str]]:
         "wasserstein-positive": set_names.wasserstein_top(p, "positive"),
         "random-negative": set_names.random_control(p, seed),
         "perplexity-matched-negative": set_names.perplexity_matched(p, seed),
+        "perplexity-matched-bottom-negative": set_names.perplexity_matched(p, seed, pool="bottom"),
     }
     return [(label, names[label], desc) for label, desc in CONDITIONS]

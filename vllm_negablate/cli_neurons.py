@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_negablate import defaults
+from vllm_negablate import defaults, set_names
 from vllm_negablate.paths import wikitext
 
 import typer
@@ -133,7 +133,7 @@ def _wasserstein_from_stats(stats_dir: Path, top: str | None):
               "tokens": meta.get("num_tokens"), "window_tokens": meta.get("window_tokens"),
               "model_path": meta.get("model_path"), "statistics": STATS_FILE}
     fp = ModelFingerprint(**meta["model"])
-    return wasserstein_set(stats["w1"], fp, percent, source=source), meta
+    return wasserstein_set(stats["w1"], fp, percent, source=source), meta, stats["w1"]
 
 
 @neurons_app.command("control")
@@ -157,12 +157,27 @@ def control(
     kv_cache_mb: int = typer.Option(defaults.KV_CACHE_MB),
     save_unconverged: bool = typer.Option(
         False, help="perplexity-matched: write the closest set even if not within --tol."),
+    pool: str = typer.Option(
+        "random", help="perplexity-matched: where its neurons come from: random (random "
+                       "non-Wasserstein neurons, seeded) or bottom (the lowest-W1 neurons per "
+                       "layer, the reference code's 'bottom' selection); 'random,bottom' "
+                       "searches both with one engine."),
+    tol_effect: float | None = typer.Option(
+        None, help="perplexity-matched: tolerance as a share of the Wasserstein set's own "
+                   "effect, |log p - log p_W| <= F * (log p_W - log p_base) (e.g. 0.1); "
+                   "replaces --tol, which means little when the effect itself is ~2%."),
     out: Path | None = typer.Option(None, help="Where to write sets (default STATS_DIR/sets)."),
 ) -> None:
     """Build control sets from a discovery run's statistics."""
     from vllm_negablate.discovery.recipes import random_control, restrict_layers
 
-    wset, meta = _wasserstein_from_stats(stats_dir, top)
+    pools = [x.strip() for x in pool.split(",") if x.strip()]
+    bad = [x for x in pools if x not in set_names.POOLS]
+    if bad or not pools:
+        _fail(f"unknown --pool {pool!r}: one or more of {', '.join(set_names.POOLS)}")
+    if tol_effect is not None and not tol_effect > 0:
+        _fail(f"--tol-effect must be > 0, got {tol_effect}")
+    wset, meta, w1 = _wasserstein_from_stats(stats_dir, top)
     out_dir = out or stats_dir / SETS_DIR
     made: list[NeuronSet] = []
     if kind == "random":
@@ -182,11 +197,18 @@ def control(
                     _fail(f"--k {kk} out of range 1..{n}")
                 made.append(restrict_layers(src, range(kk), suffix=f"first{kk}"))
     elif kind == "perplexity-matched":
-        ns, match = _perplexity_matched(wset, meta, model, eval_corpus, eval_tokens, window, tol,
-                                        max_iter, seed, include_wasserstein, tp, dtype, kv_cache_mb)
-        if not match.converged and not save_unconverged:
-            _fail("no set written (--save-unconverged writes the closest one)", code=1)
-        made.append(ns)
+        found = _perplexity_matched(wset, meta, model, eval_corpus, eval_tokens, window, tol,
+                                    max_iter, seed, include_wasserstein, tp, dtype, kv_cache_mb,
+                                    pools=pools, scores=w1, tol_effect=tol_effect)
+        unmatched = [ns.name for ns, match in found if not match.converged]
+        if unmatched and not save_unconverged:
+            made += [ns for ns, match in found if match.converged]
+            for ns in made:
+                console.print(f"{ns.name}: {ns.num_neurons()} neurons -> "
+                              f"{ns.save(out_dir / f'{ns.name}.json')}")
+            _fail(f"not written: {', '.join(unmatched)} (--save-unconverged writes the closest "
+                  f"set)", code=1)
+        made += [ns for ns, _ in found]
     else:
         _fail(f"unknown --kind {kind!r}: random | perplexity-matched | layer | first-k")
     for ns in made:
@@ -195,7 +217,9 @@ def control(
 
 
 def _perplexity_matched(wset, meta, model, eval_corpus, eval_tokens, window, tol, max_iter, seed,
-                        include_wasserstein, tp, dtype, kv_cache_mb):
+                        include_wasserstein, tp, dtype, kv_cache_mb, *, pools=("random",),
+                        scores=None, tol_effect=None):
+    """One engine, one search per pool; ``[(set, match), ...]`` in the order of ``pools``."""
     from vllm_negablate.discovery.corpus import corpus_windows
     from vllm_negablate.discovery.matching import offline_perplexity, perplexity_matched_control
     from vllm_negablate.discovery.pipeline import engine_model_path
@@ -220,21 +244,28 @@ def _perplexity_matched(wset, meta, model, eval_corpus, eval_tokens, window, tol
         def progress(i: int, f: float, p: float) -> None:
             console.print(f"  [{i}/{max_iter}] fraction {f:.4f} -> perplexity {p:.4f}")
 
-        ns, match = perplexity_matched_control(
-            llm, wset, windows, seed=seed, include_wasserstein=include_wasserstein, tol=tol,
-            max_iter=max_iter, progress=progress,
-            eval_source={"eval_corpus": str(eval_corpus.resolve()),
-                         "eval_corpus_sha256": sha256_file(eval_corpus),
-                         "baseline_perplexity": base_ppl},
-        )
+        found = []
+        for pool in pools:
+            console.print(f"pool {pool}:")
+            found.append(perplexity_matched_control(
+                llm, wset, windows, seed=seed, include_wasserstein=include_wasserstein, tol=tol,
+                max_iter=max_iter, progress=progress, pool=pool, scores=scores,
+                tol_effect=tol_effect, base_perplexity=base_ppl,
+                eval_source={"eval_corpus": str(eval_corpus.resolve()),
+                             "eval_corpus_sha256": sha256_file(eval_corpus),
+                             "baseline_perplexity": base_ppl},
+            ))
     finally:
         _shutdown(llm)
-    colour = "green" if match.converged else "yellow"
-    console.print(f"[{colour}]{'converged' if match.converged else 'not converged'}[/{colour}]: "
-                  f"target {match.target:.4f} ({wset.name}), got {match.perplexity:.4f} with "
-                  f"{ns.num_neurons()} neurons vs {wset.num_neurons()} ({match.iterations} "
-                  f"evaluations){'' if match.converged else '; ' + match.reason}")
-    return ns, match
+    for ns, match in found:
+        colour = "green" if match.converged else "yellow"
+        tol_used = ns.provenance.source["tolerance"]
+        console.print(f"[{colour}]{ns.name}: {'converged' if match.converged else 'not converged'}"
+                      f"[/{colour}]: target {match.target:.4f} ({wset.name}), got "
+                      f"{match.perplexity:.4f} (tolerance {tol_used:.2%}) with {ns.num_neurons()} "
+                      f"neurons vs {wset.num_neurons()} ({match.iterations} evaluations)"
+                      f"{'' if match.converged else '; ' + match.reason}")
+    return found
 
 
 # ----------------------------------------------------------------------- show

@@ -30,11 +30,20 @@ def random_control(percent: float | None, seed: int, *, base: str | None = None,
     return f"{stem}-s{seed}" + ("-incl" if include_base else "")
 
 
-def perplexity_matched(percent: float | None, seed: int, *, base: str | None = None) -> str:
-    """``perplexity-matched-top{p}-s{seed}`` (or ``perplexity-matched-{base}-s{seed}``)."""
-    stem = f"perplexity-matched-top{percent_label(percent)}" if percent is not None \
-        else f"perplexity-matched-{base}"
-    return f"{stem}-s{seed}"
+POOLS = ("random", "bottom")  # where a perplexity-matched control takes its neurons
+
+
+def perplexity_matched(percent: float | None, seed: int, *, base: str | None = None,
+                       pool: str = "random") -> str:
+    """``perplexity-matched-top{p}-s{seed}`` (or ``perplexity-matched-{base}-s{seed}``) for
+    random non-Wasserstein neurons; ``perplexity-matched-bottom-top{p}`` for the
+    lowest-W1 ones (the reference code's ``bottom``; no seed: the order is the scores')."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    target = f"top{percent_label(percent)}" if percent is not None else str(base)
+    if pool == "bottom":
+        return f"perplexity-matched-bottom-{target}"
+    return f"perplexity-matched-{target}-s{seed}"
 
 
 def layer_restricted(base: str, layers: list[int]) -> str:

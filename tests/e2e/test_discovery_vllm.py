@@ -166,3 +166,27 @@ def test_perplexity_matched_search_converges(run, corpus):
         assert not set(ps.layer_bounds(layer)[0]) & set(wset.layer_bounds(layer)[0])
     load_neuron_set(llm, ps)  # the result is a valid set for this engine
     assert offline_perplexity(llm, held_out, ps.name) == pytest.approx(match.perplexity, rel=1e-4)
+
+
+def test_bottom_matched_control_takes_the_lowest_w1_neurons(run, corpus):
+    # the reference code's `bottom` control: the most Gaussian non-Wasserstein neurons of
+    # each layer, as many as it takes to reach the Wasserstein set's perplexity
+    model_dir, llm, result, out = run
+    ids = tokenize_corpus(llm.get_tokenizer(), corpus)
+    held_out = make_windows(ids[TOKENS:], 128, 2, max_tokens=256)
+    wset, w1 = result.sets["wasserstein-top5"], result.stats["w1"]
+    ps, match = perplexity_matched_control(llm, wset, held_out, tol=2.5e-3, max_iter=12,
+                                           pool="bottom", scores=w1)
+    src = ps.provenance.source
+    assert ps.name == "perplexity-matched-bottom-top5" and ps.provenance.seed is None
+    assert src["pool"] == "bottom" and len(src["history"]) == match.iterations
+    assert src["perplexity"] == match.perplexity and src["target_perplexity"] == match.target
+    for layer in range(2):
+        chosen = np.array(ps.layer_bounds(layer)[0])
+        rest = np.setdiff1d(np.arange(w1.shape[1]),
+                            np.concatenate([chosen, wset.layer_bounds(layer)[0]]))
+        assert chosen.size and w1[layer, chosen].max() <= w1[layer, rest].min()
+    load_neuron_set(llm, ps)
+    assert offline_perplexity(llm, held_out, ps.name) == pytest.approx(match.perplexity, rel=1e-4)
+    with pytest.raises(ValueError, match="needs the W1 scores"):
+        perplexity_matched_control(llm, wset, held_out, pool="bottom")

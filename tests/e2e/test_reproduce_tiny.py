@@ -89,6 +89,7 @@ def test_ablations_change_scores_and_counts_match_the_sets(run):
     w = rows["wasserstein-negative"]["neurons"]
     assert w > 0 and rows["wasserstein-positive"]["neurons"] == w and rows["random-negative"]["neurons"] == w
     assert rows["perplexity-matched-negative"]["neurons"] >= 1
+    assert rows["perplexity-matched-bottom-negative"]["neurons"] >= 1
     # every ablation moves the sentence scores (the tiny model's neurons all matter)
     base = {r["pair_id"]: r for r in load_records(cfg.out / "runs" / "baseline" / "blimp")
             if r["paradigm"] == "adjunct_island"}

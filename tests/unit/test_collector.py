@@ -317,6 +317,31 @@ def test_fraction_sets_are_nested_and_exclude_base():
     assert fraction_set(w, order, 0.0, "e").num_neurons() == 0
 
 
+def test_bottom_order_takes_the_lowest_w1_candidates_first():
+    # the reference code's `bottom` control: per layer, the most Gaussian non-Wasserstein
+    # neurons first, so every fraction is the layer's lowest-W1 candidates
+    scores = _scores()
+    w = wasserstein_set(scores, FP, 2.0)
+    order = candidate_order(w, scores=scores)
+    for layer, cand in order.items():
+        assert len(cand) == 196 and not set(cand.tolist()) & set(w.layer_bounds(layer)[0])
+        assert np.all(np.diff(scores[layer, cand]) >= 0)
+        wset = set(w.layer_bounds(layer)[0])
+        rest = np.array([n for n in range(200) if n not in wset])
+        assert set(cand[:10].tolist()) == set(rest[np.argsort(scores[layer, rest])[:10]].tolist())
+    ten = fraction_set(w, order, 0.1, "b", extra={"pool": "bottom"})
+    assert ten.description.startswith("Lowest-W1 non-wasserstein-top2 neurons")
+    assert ten.provenance.source["pool"] == "bottom"
+    for layer in range(3):
+        chosen = ten.layer_bounds(layer)[0]
+        assert max(scores[layer, chosen]) <= min(np.delete(scores[layer], chosen + list(
+            w.layer_bounds(layer)[0])))
+    # deterministic: no seed involved
+    assert candidate_order(w, seed=9, scores=scores)[0].tolist() == order[0].tolist()
+    with pytest.raises(ValueError, match="scores have shape"):
+        candidate_order(w, scores=scores[:2])
+
+
 # ------------------------------------------------------------- bisection search
 def test_perplexity_matched_converges_on_monotone_function():
     calls = []

@@ -27,11 +27,13 @@ def test_recipes_and_consumers_agree(percent):
     assert rnd.name == set_names.random_control(percent, 3) == f"random-top{label}-s3"
     assert random_control(wset, seed=3, include_wasserstein=True).name == f"random-top{label}-s3-incl"
     assert set_names.perplexity_matched(percent, 3) == f"perplexity-matched-top{label}-s3"
+    assert set_names.perplexity_matched(percent, 3, pool="bottom") == f"perplexity-matched-bottom-top{label}"
     assert restrict_layers(wset, [1]).name == set_names.layer_restricted(wset.name, [1]) == f"{wset.name}-layer1"
     assert restrict_layers(wset, [0, 1]).name == f"{wset.name}-first2"
     assert restrict_layers(wset, [0, 2]).name == f"{wset.name}-layers0_2"
     cfg = ReproduceConfig(top_percent=percent, seed=3)
     assert [s for _, s, _ in condition_sets(cfg)] == [
-        None, wset.name, pos.name, rnd.name, set_names.perplexity_matched(percent, 3)]
+        None, wset.name, pos.name, rnd.name, set_names.perplexity_matched(percent, 3),
+        set_names.perplexity_matched(percent, 3, pool="bottom")]
     assert condition_set_names(percent, 3) == {"wasserstein-negative": wset.name, "random-negative": rnd.name}
     assert default_base_set({"top_percent": percent}) == wset.name

@@ -21,6 +21,7 @@ from vllm_negablate.neuron_set import NeuronSet
 
 __all__ = [
     "MatchResult",
+    "effect_tolerance",
     "perplexity_matched",
     "offline_perplexity",
     "perplexity_matched_control",
@@ -185,6 +186,14 @@ def offline_perplexity(llm: Any, windows: Sequence[Sequence[int]],
     return float(math.exp(sum(nll) / len(nll)))
 
 
+def effect_tolerance(share: float, target: float, baseline: float) -> float:
+    """The relative perplexity tolerance that is ``share`` of the ablation's effect in log
+    space: ``expm1(share * |log(target / baseline)|)``, floored at 1e-6."""
+    if not share > 0:
+        raise ValueError(f"tol_effect must be > 0, got {share}")
+    return max(1e-6, math.expm1(share * abs(math.log(target / baseline))))
+
+
 def perplexity_matched_control(
     llm: Any,
     base: NeuronSet,
@@ -200,8 +209,22 @@ def perplexity_matched_control(
     probe_name: str = "negablate-ppl-probe",
     eval_source: Mapping[str, Any] | None = None,
     progress: Callable[[int, float, float], None] | None = None,
+    pool: str = "random",
+    scores: Any = None,
+    tol_effect: float | None = None,
+    base_perplexity: float | None = None,
 ) -> tuple[NeuronSet, MatchResult]:
-    """Random non-``base`` neurons whose ablated perplexity on ``windows`` matches ``base``'s.
+    """Non-``base`` neurons whose ablated perplexity on ``windows`` matches ``base``'s.
+
+    ``pool="random"``: random candidates (seeded); ``pool="bottom"``: the lowest-W1
+    candidates per layer (``scores``, the W1 array ``[layers, neurons]``, is then needed):
+    the two perplexity-matched controls of the paper's comparison.
+
+    ``tol_effect`` (e.g. 0.1) replaces the relative ``tol`` by a share of the ablation's
+    own effect: ``|log p - log p_W| <= tol_effect * (log p_W - log p_base)``. A fixed 2%
+    means nothing when the Wasserstein set itself moves perplexity by 2% (Gemma 3 270M,
+    top 1%: even the unablated model was "matched"). ``base_perplexity`` saves one
+    evaluation when the caller has it.
 
     Loads ``base`` and a probe set (re-loaded under ``probe_name`` for every fraction) into
     the engine; the probe is unloaded at the end. ``windows`` should be held-out text
@@ -211,10 +234,20 @@ def perplexity_matched_control(
 
     load_neuron_set(llm, base)
     target = offline_perplexity(llm, windows, base.name)
-    order = candidate_order(base, seed=seed, include_wasserstein=include_wasserstein)
+    if tol_effect is not None:
+        if base_perplexity is None:
+            base_perplexity = offline_perplexity(llm, windows)
+        tol = effect_tolerance(tol_effect, target, base_perplexity)
+    if pool not in set_names.POOLS:
+        raise ValueError(f"pool must be one of {set_names.POOLS}, got {pool!r}")
+    if pool == "bottom" and scores is None:
+        raise ValueError("pool='bottom' needs the W1 scores")
+    order = candidate_order(base, seed=seed, include_wasserstein=include_wasserstein,
+                            scores=scores if pool == "bottom" else None)
+    draw_seed = seed if pool == "random" else None  # the bottom order uses no randomness
 
     def score(f: float) -> float:
-        probe = fraction_set(base, order, f, probe_name, seed=seed)
+        probe = fraction_set(base, order, f, probe_name, seed=draw_seed)
         load_neuron_set(llm, probe)
         return offline_perplexity(llm, windows, probe_name)
 
@@ -230,9 +263,12 @@ def perplexity_matched_control(
             pass
     label = base.provenance.source.get("top_percent")
     if name is None:
-        name = set_names.perplexity_matched(label, seed, base=base.name)
-    extra = {"target_perplexity": target, "perplexity": match.perplexity,
+        name = set_names.perplexity_matched(label, seed, base=base.name, pool=pool)
+    extra = {"pool": pool, "target_perplexity": target, "perplexity": match.perplexity,
              "converged": match.converged, "iterations": match.iterations,
-             "tolerance": tol, "eval_tokens": int(sum(len(w) for w in windows)),
+             "history": [[float(f), float(p)] for f, p in match.history],
+             "tolerance": tol, "tolerance_effect": tol_effect,
+             "baseline_perplexity": base_perplexity,
+             "eval_tokens": int(sum(len(w) for w in windows)),
              "eval_windows": len(windows), **dict(eval_source or {})}
-    return fraction_set(base, order, match.fraction, name, seed=seed, extra=extra), match
+    return fraction_set(base, order, match.fraction, name, seed=draw_seed, extra=extra), match

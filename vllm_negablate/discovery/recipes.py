@@ -10,8 +10,8 @@ that the CLI and the analyses can rebuild sets from saved statistics. Set names 
 * ``random-top{p}-s{seed}``: per layer, as many random neurons as the Wasserstein set,
   excluding it unless ``include_wasserstein``;
 * :func:`restrict_layers`: ``...-layer{L}`` / ``...-first{k}`` variants of any set;
-* :func:`candidate_order` and :func:`fraction_set`: nested sets of random non-Wasserstein
-  neurons, the building blocks of the perplexity-matched control
+* :func:`candidate_order` and :func:`fraction_set`: nested sets of random (or lowest-W1)
+  non-Wasserstein neurons, the building blocks of the perplexity-matched controls
   (:mod:`vllm_negablate.discovery.matching`).
 """
 
@@ -156,17 +156,29 @@ def mode_variant(base: NeuronSet, mode: AblationMode | str, name: str | None = N
                      provenance=prov, description=f"{base.name} with {mode.value} ablation.")
 
 
-def candidate_order(base: NeuronSet, *, seed: int = 0,
-                    include_wasserstein: bool = False) -> dict[int, np.ndarray]:
-    """Per layer of ``base``, a seeded random order of the candidate (non-base) neurons.
+def candidate_order(base: NeuronSet, *, seed: int = 0, include_wasserstein: bool = False,
+                    scores: np.ndarray | None = None) -> dict[int, np.ndarray]:
+    """Per layer of ``base``, the order in which candidate (non-base) neurons join a control.
 
-    :func:`fraction_set` takes them in this order, so the sets are nested as ``f`` grows
-    and the ablated perplexity is (close to) monotone in ``f``.
+    Without ``scores``: a seeded random order (ours: random non-Wasserstein neurons). With
+    ``scores`` (W1, ``[layers, neurons]``): ascending score, ties by neuron index, so the
+    first candidates are the most Gaussian neurons (the reference code's ``bottom``
+    selection). :func:`fraction_set` takes them in this order, so the sets are nested as
+    ``f`` grows and the ablated perplexity is (close to) monotone in ``f``.
     """
+    if scores is not None:
+        scores = np.asarray(scores, dtype=np.float64)
+        shape = (base.model.num_layers, base.model.intermediate_size)
+        if scores.shape != shape:
+            raise ValueError(f"scores have shape {scores.shape}, the model needs {shape}")
     order = {}
     for layer in base.counts_per_layer():
         pool = _pool(base, layer, include_wasserstein)
-        order[layer] = np.random.default_rng([int(seed), int(layer), 1]).permutation(pool)
+        if scores is None:
+            order[layer] = np.random.default_rng([int(seed), int(layer), 1]).permutation(pool)
+        else:
+            # NaN (a constant neuron) sorts last: it says nothing about Gaussianity
+            order[layer] = pool[np.argsort(scores[layer, pool], kind="stable")]
     return order
 
 
@@ -196,7 +208,9 @@ def fraction_set(base: NeuronSet, order: Mapping[int, np.ndarray], fraction: flo
         per_layer[int(lay[j])].append(int(order[int(lay[j])][int(idx[j])]))
     entries = [LayerAblation(layer=layer, neurons=sorted(per_layer[layer]), mode=mode)
                for layer in layers]
+    extra = dict(extra or {})
+    kind = "Lowest-W1" if extra.get("pool") == "bottom" else "Random"
     return _derived(base, name, entries, "perplexity-matched", seed,
-                    {"fraction": float(fraction), "candidates": int(key.size), **dict(extra or {})},
-                    f"Random non-{base.name} neurons ({fraction:.4g} of the candidates).")
+                    {"fraction": float(fraction), "candidates": int(key.size), **extra},
+                    f"{kind} non-{base.name} neurons ({fraction:.4g} of the candidates).")
 
