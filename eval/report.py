@@ -214,7 +214,9 @@ def write_report(cfg: Any, disc: Path, conditions, model_dir: Path, elapsed_s: f
         f"Neurons chosen on WikiText-2 *valid* ({meta.get('num_tokens', cfg.discovery_tokens)} tokens, "
         f"top {cfg.top_percent:g}% Wasserstein-1 per layer); perplexity on WikiText-2 *test*.",
         f"BLiMP: {cfg.blimp_per_paradigm} pairs per paradigm (seed {cfg.seed}); TSE: "
-        f"{cfg.tse_per_test} pairs per test (Newman et al. agreement set, per-token mean metric).",
+        f"{cfg.tse_per_test} pairs per test ("
+        + ("all 22 Marvin & Linzen tests" if getattr(cfg, "tse_source", "tse-ml") == "tse"
+           else "Newman et al. agreement set") + ", per-token mean metric).",
         "Deltas are in accuracy points against the baseline, paired bootstrap 95% CI "
         f"({cfg.n_boot} resamples); p: McNemar; MDE: the smallest delta these pairs detect "
         "(alpha 0.05, power 0.8) at the comparison's rate of pairs that change decision. "

@@ -73,7 +73,9 @@ def preflight(cfg: ReproduceConfig) -> Path:
         except UnknownModelError as e:
             raise PreflightError(f"--model {cfg.model!r} is not a model folder, and {e}") from None
     data_dir = cfg.data_dir or default_data_dir()
-    missing = missing_data(data_dir, tse=False, tse_ml=True)  # BLiMP, TSE agreement, WikiText
+    if cfg.tse_source not in ("tse", "tse-ml"):
+        raise PreflightError(f"tse_source {cfg.tse_source!r}: use tse (22 tests) or tse-ml")
+    missing = missing_data(data_dir, tse=cfg.tse_source == "tse", tse_ml=cfg.tse_source == "tse-ml")
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise PreflightError(
@@ -162,6 +164,7 @@ def eval_conditions(cfg: ReproduceConfig, disc: Path) -> list[Condition]:
 
 def eval_settings(cfg: ReproduceConfig, data_dir: Path) -> EvalSettings:
     return EvalSettings(blimp_per_paradigm=cfg.blimp_per_paradigm, tse_per_test=cfg.tse_per_test,
+                        tse_source=cfg.tse_source,
                         ppl_windows=cfg.ppl_windows, window=cfg.window, seed=cfg.seed,
                         n_boot=cfg.n_boot, data_dir=data_dir)
 
@@ -219,7 +222,7 @@ def reproduce_command(
     top: float = typer.Option(_R.top_percent, help="Percent of neurons per layer in the Wasserstein set."),
     discovery_tokens: int = typer.Option(_R.discovery_tokens, help="WikiText-2 valid tokens observed to score neurons."),
     blimp_per_paradigm: int = typer.Option(_R.blimp_per_paradigm, help="BLiMP pairs per paradigm (67 paradigms; 1000 = all)."),
-    tse_per_test: int = typer.Option(_R.tse_per_test, help="TSE pairs per agreement test (15 tests)."),
+    tse_per_test: int = typer.Option(_R.tse_per_test, help="TSE pairs per test (22 Marvin & Linzen tests: agreement, reflexives, NPI; 120-2,000 pairs each)."),
     ppl_windows: int = typer.Option(_R.ppl_windows, help="WikiText-2 test windows (of --window tokens) for perplexity."),
     window: int = typer.Option(_R.window, help="Tokens per window (discovery and perplexity)."),
     match_tokens: int = typer.Option(_R.match_tokens, help="Held-out tokens per perplexity-matching step."),

@@ -34,6 +34,7 @@ class ReproduceConfig(BaseModel):
     window: int = defaults.WINDOW_TOKENS
     blimp_per_paradigm: int = 15
     tse_per_test: int = 20
+    tse_source: str = "tse"  # all 22 Marvin & Linzen tests; "tse-ml": the 15 agreement tests
     ppl_windows: int = 8
     match_tokens: int = 16_384
     match_tol: float = 0.02  # relative; used only when match_tol_effect is None

@@ -39,7 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from vllm_negablate import defaults
 from vllm_negablate.neuron_set import NO_ABLATION, NeuronSet
 
-from eval.data import default_data_dir, load_blimp, load_tse_ml, load_wikitext_text, stratified_subsample
+from eval.data import default_data_dir, load_blimp, load_tse, load_tse_ml, load_wikitext_text, stratified_subsample
 
 console = Console(stderr=True)
 
@@ -59,6 +59,9 @@ class EvalSettings(BaseModel):
 
     blimp_per_paradigm: int = 10
     tse_per_test: int = 0
+    # "tse": all 22 Marvin & Linzen tests (agreement, reflexives, NPI), the paper's TSE;
+    # "tse-ml": the 15 agreement tests of Newman et al. (2021)
+    tse_source: Literal["tse", "tse-ml"] = "tse"
     ppl_windows: int = 4
     window: int = defaults.WINDOW_TOKENS
     seed: int = 0
@@ -126,7 +129,7 @@ def blimp_options(cond: Condition, s: EvalSettings) -> dict[str, Any]:
 
 def tse_options(cond: Condition, s: EvalSettings) -> dict[str, Any]:
     return {"condition": cond.label, "set_hash": cond.set_hash,
-            "tse_per_test": s.tse_per_test, "seed": s.seed}
+            "tse_per_test": s.tse_per_test, "seed": s.seed, "tse_source": s.tse_source}
 
 
 def ppl_options(cond: Condition, s: EvalSettings) -> dict[str, Any]:
@@ -268,7 +271,8 @@ def evaluate_conditions(
         return
     data_dir = settings.data_dir or default_data_dir()
     pairs = stratified_subsample(load_blimp(data_dir), settings.blimp_per_paradigm, settings.seed)
-    tse_pairs = (stratified_subsample(load_tse_ml(data_dir), settings.tse_per_test, settings.seed)
+    load_tse_source = load_tse if settings.tse_source == "tse" else load_tse_ml
+    tse_pairs = (stratified_subsample(load_tse_source(data_dir), settings.tse_per_test, settings.seed)
                  if settings.tse_per_test > 0 else [])
     text_path = data_dir / "wikitext-2" / "test.txt"
     text = load_wikitext_text(text_path) if settings.ppl_windows > 0 else ""

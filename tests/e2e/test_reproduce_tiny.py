@@ -49,7 +49,7 @@ def test_every_condition_scored_every_pair(run):
     assert labels == [c[0] for c in condition_sets(cfg)]
     for label in labels:
         assert load_summary(cfg.out / "runs" / label / "blimp").n_pairs == 67  # 1 per paradigm
-        assert load_summary(cfg.out / "runs" / label / "tse").n_pairs == 30  # 2 per test x 15
+        assert load_summary(cfg.out / "runs" / label / "tse").n_pairs == 44  # 2 per test x 22
 
 
 def test_table_numbers_come_from_the_records(run):

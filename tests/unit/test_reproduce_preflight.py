@@ -60,10 +60,14 @@ def test_preflight_refuses_an_unknown_model(tmp_path):
 
 
 def test_preflight_refuses_a_data_folder_missing_a_test_set(tmp_path):
-    data = _data(tmp_path / "d", drop=tuple(f"tse-ml/{t}_all.jsonl" for t in TSE_ML_TESTS[:8]))
+    data = _data(tmp_path / "d", drop=tuple(f"tse/{t}.jsonl" for t in TSE_TESTS[:8]))
     cfg = ReproduceConfig(model="smollm2-135m", out=tmp_path / "out", data_dir=data)
-    with pytest.raises(PreflightError, match=r"lacks 8 file\(s\).*tse-ml/long_vp_coord_all.jsonl.* and 2 more"):
+    with pytest.raises(PreflightError, match=r"lacks 8 file\(s\).*tse/long_vp_coord.jsonl.* and 2 more"):
         preflight(cfg)
+    # the agreement-only TSE of Newman et al. needs its own folder, not the 22 tests
+    assert preflight(cfg.model_copy(update={"tse_source": "tse-ml"})) == data
+    with pytest.raises(PreflightError, match="use tse"):
+        preflight(cfg.model_copy(update={"tse_source": "blimp"}))
 
 
 def test_preflight_refuses_an_output_folder_with_other_settings(tmp_path):
