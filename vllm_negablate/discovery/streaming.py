@@ -372,8 +372,7 @@ class StreamingW1Estimator:
         if fused:
             if self.hist.dtype == torch.int32 and self.count + h.shape[0] >= 2**31 - 1:
                 self.hist = self.hist.to(torch.int64)
-            grid = (self.center.numpy().astype(np.float32),
-                    self._inv_scale().numpy().astype(np.float32), self._bin_tables())
+            grid = self._cpu_grid()
             hist = self.hist.numpy()  # shares memory with the state
         parts, counted = [], []
         for start in range(0, h.shape[0], rows):
@@ -407,6 +406,12 @@ class StreamingW1Estimator:
         if self.hist is not None and self.hist.dtype == torch.int32 and self.count >= 2**31 - 1:
             self.hist = self.hist.to(torch.int64)
 
+    def _cpu_grid(self) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, int]]:
+        """``(center, inv, tables)`` as the CPU kernels take them (float32 center and inverse
+        scale, the bin lookup tables)."""
+        return (self.center.numpy().astype(np.float32),
+                self._inv_scale().numpy().astype(np.float32), self._bin_tables())
+
     def _bin_tables(self) -> tuple[np.ndarray, np.ndarray, int]:
         # built once per estimator (the grid in standardized units is fixed by nbins, range)
         if self._tables is None:
@@ -430,13 +435,11 @@ class StreamingW1Estimator:
         k, width = self.num_neurons, self.nbins + 2
         rows = max(1, self.chunk_elements // max(1, k))
         if self.uses_cpu_kernels:
-            center = self.center.numpy().astype(np.float32)
-            inv = self._inv_scale().numpy().astype(np.float32)
+            grid = self._cpu_grid()
             hist = self.hist.numpy()  # shares memory with the state
-            tables = self._bin_tables()
             for start in range(0, x.shape[0], rows):
                 cpu_kernels.add_bin_counts(cpu_kernels.kernel_input(x[start : start + rows]),
-                                           center, inv, tables, hist)
+                                           *grid, hist)
             return
         dt = torch.promote_types(x.dtype, torch.float32)
         c = self.center.to(dt)[:, None]
