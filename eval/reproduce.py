@@ -1,25 +1,29 @@
 """`negablate reproduce`: the paper's main comparison, offline, in one command.
 
-Phases (each writes its outputs under ``--out`` and is skipped on a rerun when
-they exist, so an interrupted run resumes where it stopped):
+Phases (each writes its outputs under the output folder and is skipped on a rerun
+when they exist, so an interrupted run resumes where it stopped):
 
 1. **model**: an embedded model name is fetched and dequantized once
    (``negablate models fetch``); a directory is used as it is.
-2. **discovery**: ``negablate neurons find`` runs the model inside vLLM over
-   WikiText-2 *valid* and writes Wasserstein scores and sets (top p% per layer,
-   the positive-mode variant, a seeded random control of the same size).
-3. **perplexity-matched control**: ``negablate neurons control --kind
-   perplexity-matched`` searches the number of random non-Wasserstein neurons
-   whose ablation matches the Wasserstein set's perplexity on held-out text.
-4. **serve**: ``negablate serve`` with all sets, on a free loopback port.
-5. **evaluate**: each condition on BLiMP, TSE (Newman et al. agreement set) and
-   WikiText-2 *test* perplexity, over HTTP with the eval harness (cached, so a
-   rerun recomputes nothing).
-6. **report**: Markdown + JSON + PNG (main table with bootstrap CIs,
-   per-phenomenon deltas, score histograms, neuron counts).
+2. **discovery corpus**: WikiText-2 *valid* with its ``<unk>`` tokens removed (or fully
+   detokenized; ``discovery_text``), written to ``corpus/`` with a record of what was
+   done (:func:`eval.wikitext.discovery_corpus`).
+3. **discovery**: ``negablate neurons find --top 1,2,5`` runs the model inside vLLM
+   over that corpus once and writes Wasserstein scores and, per p, the Wasserstein set,
+   its positive mirror and a seeded random control of the same size.
+4. **perplexity-matched controls**: ``negablate neurons control --kind
+   perplexity-matched --pool random,bottom`` searches, per p, the number of random
+   non-Wasserstein neurons and of lowest-W1 neurons whose ablation matches the
+   Wasserstein set's perplexity on held-out text (one engine for every search).
+5. **serve**: ``negablate serve`` with all sets, on a free loopback port.
+6. **evaluate** over HTTP with the eval harness (cached, so a rerun recomputes
+   nothing): the main p's main conditions on ``blimp_main_per_paradigm`` BLiMP pairs
+   (``runs-full/``), then every condition on ``blimp_per_paradigm`` BLiMP pairs, TSE
+   and raw WikiText-2 *test* perplexity in 2,048-token windows (``runs/``).
+7. **report**: Markdown + JSON + CSV + PNG (:mod:`eval.report`).
 
 Discovery and evaluation use different WikiText splits (valid vs test).
-Steps 2-3 start their own offline engines (vLLM cannot share one with the
+Steps 3-4 start their own offline engines (vLLM cannot share one with the
 server here), so ``eval`` itself stays free of torch and vLLM.
 """
 
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from vllm_negablate import set_names
@@ -45,9 +50,10 @@ from eval.analysis.sweep import Condition, EvalSettings, condition_done, conditi
 from eval.data import default_data_dir, missing_data
 from eval.commands import negablate_command as _negablate
 from eval.commands import run_logged as _run
-from eval.reproduce_config import CONDITIONS, ReproduceConfig, condition_sets
+from eval.reproduce_config import ConditionSpec, ReproduceConfig, condition_sets, default_ks, lm_task_sets
+from eval.wikitext import discovery_corpus
 
-__all__ = ["CONDITIONS", "PreflightError", "ReproduceConfig", "condition_sets", "preflight", "reproduce",
+__all__ = ["PreflightError", "ReproduceConfig", "condition_sets", "preflight", "reproduce",
            "reproduce_command"]
 
 console = Console(stderr=True)
@@ -75,7 +81,9 @@ def preflight(cfg: ReproduceConfig) -> Path:
     data_dir = cfg.data_dir or default_data_dir()
     if cfg.tse_source not in ("tse", "tse-ml"):
         raise PreflightError(f"tse_source {cfg.tse_source!r}: use tse (22 tests) or tse-ml")
-    missing = missing_data(data_dir, tse=cfg.tse_source == "tse", tse_ml=cfg.tse_source == "tse-ml")
+    wikitext = ["valid.txt", "test.txt"] + (["raw/wiki.test.raw"] if cfg.ppl_text == "raw" else [])
+    missing = missing_data(data_dir, tse=cfg.tse_source == "tse", tse_ml=cfg.tse_source == "tse-ml",
+                           wikitext=wikitext)
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise PreflightError(
@@ -89,7 +97,7 @@ def check_settings(cfg: ReproduceConfig) -> None:
     """Refuse to resume into an output folder made with other result-determining settings:
     its discovery, sets and runs would mix with this run's (only the runs are keyed by
     their options; discovery and the matched control are reused as found)."""
-    path = cfg.out / "config.json"
+    path = cfg.out_dir() / "config.json"
     if not path.is_file():
         return
     try:
@@ -99,9 +107,12 @@ def check_settings(cfg: ReproduceConfig) -> None:
     new = json.loads(cfg.model_dump_json())
     changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(new)
                if k not in _NOT_RESULT_SETTINGS and k in old and old[k] != new[k]]
+    added = [k for k in sorted(new) if k not in _NOT_RESULT_SETTINGS and k not in old]
+    if added:  # a folder from an older version, which did not record these settings
+        changed.append(f"not recorded there: {', '.join(added)}")
     if changed:
         raise PreflightError(
-            f"{cfg.out} holds a run made with other settings ({'; '.join(changed)}); resuming "
+            f"{cfg.out_dir()} holds a run made with other settings ({'; '.join(changed)}); resuming "
             f"would mix its discovery, sets and results with this run's. Use a new --out, or "
             f"the folder's own settings (its config.json) to resume it.")
 
@@ -115,16 +126,28 @@ def resolve_model(cfg: ReproduceConfig, logs: Path) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def discover(cfg: ReproduceConfig, model_dir: Path, data_dir: Path, logs: Path) -> Path:
-    disc = cfg.out / "discovery"
+def clean_corpus(cfg: ReproduceConfig, data_dir: Path) -> Path:
+    """The discovery corpus (phase 2): ``corpus/wikitext-2-valid.<text>.txt`` and its record."""
+    out = cfg.out_dir() / "corpus"
+    path = out / f"wikitext-2-valid.{cfg.discovery_text}.txt"
+    record = out / f"wikitext-2-valid.{cfg.discovery_text}.json"
+    if not (path.is_file() and record.is_file()):
+        info = discovery_corpus(data_dir / "wikitext-2" / "valid.txt", path, cfg.discovery_text)
+        record.write_text(json.dumps(info, indent=2))
+    return path
+
+
+def discover(cfg: ReproduceConfig, model_dir: Path, corpus: Path, logs: Path) -> Path:
+    out = cfg.out_dir()
+    disc = out / "discovery"
     if (disc / "stats.json").exists():
         console.print("[green]discovery: done earlier[/green]")
         return disc
-    tmp = cfg.out / "discovery.partial"
+    tmp = out / "discovery.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     _run(_negablate(
-        "neurons", "find", str(model_dir), "--corpus", str(data_dir / "wikitext-2" / "valid.txt"),
-        "--top", f"{cfg.top_percent:g}", "--max-tokens", str(cfg.discovery_tokens),
+        "neurons", "find", str(model_dir), "--corpus", str(corpus),
+        "--top", ",".join(f"{p:g}" for p in cfg.top), "--max-tokens", str(cfg.discovery_tokens),
         "--window", str(cfg.window), "--seed", str(cfg.seed), "--dtype", cfg.dtype,
         "--kv-cache-mb", str(cfg.kv_cache_mb), "--out", str(tmp),
     ), logs / "discovery.log")
@@ -133,17 +156,20 @@ def discover(cfg: ReproduceConfig, model_dir: Path, data_dir: Path, logs: Path) 
 
 
 def match_perplexity(cfg: ReproduceConfig, model_dir: Path, disc: Path, data_dir: Path, logs: Path) -> None:
-    """Both perplexity-matched controls (random and lowest-W1 neurons), one engine."""
-    pools = [pool for pool in ("random", "bottom") if not (
-        disc / "sets" / f"{set_names.perplexity_matched(cfg.top_percent, cfg.seed, pool=pool)}.json").exists()]
-    if not pools:
+    """Both perplexity-matched controls (random and lowest-W1 neurons) for every p, one engine."""
+    def done(p: float, pool: str) -> bool:
+        return (disc / "sets" / f"{set_names.perplexity_matched(p, cfg.seed, pool=pool)}.json").exists()
+
+    percents = [p for p in cfg.top if not all(done(p, pool) for pool in set_names.POOLS)]
+    if not percents:
         console.print("[green]perplexity-matched controls: done earlier[/green]")
         return
+    pools = [pool for pool in set_names.POOLS if not all(done(p, pool) for p in percents)]
     tol = (["--tol-effect", str(cfg.match_tol_effect)] if cfg.match_tol_effect is not None
            else ["--tol", str(cfg.match_tol)])
     _run(_negablate(
         "neurons", "control", str(disc), "--kind", "perplexity-matched", "--model", str(model_dir),
-        "--top", f"{cfg.top_percent:g}", "--seed", str(cfg.seed),
+        "--top", ",".join(f"{p:g}" for p in percents), "--seed", str(cfg.seed),
         "--eval-corpus", str(data_dir / "wikitext-2" / "test.txt"),
         "--eval-tokens", str(cfg.match_tokens), "--window", str(cfg.window),
         *tol, "--max-iter", str(cfg.match_max_iter), "--pool", ",".join(pools),
@@ -153,20 +179,77 @@ def match_perplexity(cfg: ReproduceConfig, model_dir: Path, disc: Path, data_dir
     ), logs / "perplexity-matched.log")
 
 
-def eval_conditions(cfg: ReproduceConfig, disc: Path) -> list[Condition]:
-    """The run's conditions, each with its set's content hash (a changed set is re-scored)."""
+def eval_conditions(specs: list[ConditionSpec], disc: Path) -> list[Condition]:
+    """The conditions to score, each with its set's content hash (a changed set is re-scored)."""
     out = []
-    for label, set_name, _ in condition_sets(cfg):
-        ns = None if set_name is None else NeuronSet.load(disc / "sets" / f"{set_name}.json")
-        out.append(condition_for(label, label, ns))
+    for spec in specs:
+        ns = None if spec.set_name is None else NeuronSet.load(disc / "sets" / f"{spec.set_name}.json")
+        out.append(condition_for(spec.label, spec.kind, ns))
     return out
 
 
-def eval_settings(cfg: ReproduceConfig, data_dir: Path) -> EvalSettings:
+def eval_settings(cfg: ReproduceConfig, data_dir: Path, *, full: bool = False) -> EvalSettings:
+    """The sweep's settings; ``full``: the main conditions' BLiMP-only run on more pairs."""
+    if full:
+        return EvalSettings(blimp_per_paradigm=cfg.blimp_main_per_paradigm, tse_per_test=0, ppl_windows=0,
+                            seed=cfg.seed, n_boot=cfg.n_boot, data_dir=data_dir)
     return EvalSettings(blimp_per_paradigm=cfg.blimp_per_paradigm, tse_per_test=cfg.tse_per_test,
-                        tse_source=cfg.tse_source,
-                        ppl_windows=cfg.ppl_windows, window=cfg.window, seed=cfg.seed,
-                        n_boot=cfg.n_boot, data_dir=data_dir)
+                        tse_source=cfg.tse_source, ppl_windows=cfg.ppl_windows, window=cfg.ppl_window,
+                        ppl_text=cfg.ppl_text, seed=cfg.seed, n_boot=cfg.n_boot, data_dir=data_dir)
+
+
+def evaluation_plan(cfg: ReproduceConfig, disc: Path, data_dir: Path
+                    ) -> list[tuple[Path, list[Condition], EvalSettings]]:
+    """(runs folder, conditions, settings) in the order they are scored: the main
+    conditions' full BLiMP first (the headline numbers land first, and the sweep's
+    subsample of those conditions is then read from the score cache), then the sweep."""
+    out = cfg.out_dir()
+    specs = condition_sets(cfg)
+    plan = []
+    if cfg.full_blimp:
+        plan.append((out / "runs-full", eval_conditions([s for s in specs if s.full_blimp], disc),
+                     eval_settings(cfg, data_dir, full=True)))
+    plan.append((out / "runs", eval_conditions(specs, disc), eval_settings(cfg, data_dir)))
+    return plan
+
+
+def run_lm_tasks_phase(cfg: ReproduceConfig, model_dir: Path, disc: Path, logs: Path) -> None:
+    """lm_eval's non-grammatical tasks for the baseline and :func:`lm_task_sets` (phase 8;
+    ``OUT/lm_tasks``); a server is started only if a condition has no results yet."""
+    if not cfg.lm_tasks:
+        return
+    from eval.analysis.lm_tasks import LmTasksConfig, run_lm_tasks
+    from server.launcher import ENV_WORKER_SLOTS, ServerProcess, worker_slots
+
+    def start_server():
+        srv = ServerProcess(model_dir, "--neuron-sets", str(disc / "sets"), "--max-sets", "8",
+                            log_path=logs / "server-lm-tasks.log", served_name="model", dtype=cfg.dtype,
+                            kv_cache_bytes=cfg.kv_cache_mb * 2**20, max_model_len=2049,
+                            env={ENV_WORKER_SLOTS: str(worker_slots(8))})
+        console.print("starting the server for lm_eval's tasks ...")
+        return srv.start(timeout=900)
+
+    run_lm_tasks(LmTasksConfig(model="model", tokenizer=str(model_dir), sets=lm_task_sets(cfg),
+                               tasks=cfg.lm_tasks, limit=cfg.lm_tasks_limit, out=cfg.out_dir() / "lm_tasks",
+                               data_dir=cfg.data_dir, max_length=2048),
+                 server_factory=start_server)
+
+
+def run_layers_phase(cfg: ReproduceConfig, model_dir: Path, disc: Path, data_dir: Path) -> None:
+    """The layer analysis of the main p's Wasserstein-negative set (phase 9; ``OUT/layers``)."""
+    if cfg.layers_blimp_per_paradigm <= 0:
+        return
+    from eval.analysis.layers import LayersConfig, run_layers
+
+    num_layers = int(json.loads((disc / "stats.json").read_text())["model"]["num_layers"])
+    settings = EvalSettings(blimp_per_paradigm=cfg.layers_blimp_per_paradigm, ppl_windows=4,
+                            window=cfg.ppl_window, ppl_text=cfg.ppl_text, seed=cfg.seed, n_boot=cfg.n_boot,
+                            data_dir=data_dir)
+    run_layers(LayersConfig(model=model_dir, discovery=disc, out=cfg.out_dir() / "layers",
+                            base_set=set_names.wasserstein_top(cfg.main_top),
+                            ks=cfg.layers_ks or default_ks(num_layers), settings=settings, dtype=cfg.dtype,
+                            kv_cache_mb=cfg.kv_cache_mb, max_model_len=cfg.ppl_window + 1,
+                            cpu_bind_all_cores=cfg.cpu_bind_all_cores))
 
 
 def _add_elapsed(out: Path, seconds: float) -> float:
@@ -186,78 +269,108 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     data_dir = preflight(cfg)
     if cfg.cpu_bind_all_cores:
         bind_worker_to_all_cores()
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    logs = cfg.out / "logs"
+    out = cfg.out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    (cfg.out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     model_dir = resolve_model(cfg, logs)
     console.print(f"model: {model_dir}")
-    disc = discover(cfg, model_dir, data_dir, logs)
+    corpus = clean_corpus(cfg, data_dir)
+    disc = discover(cfg, model_dir, corpus, logs)
     match_perplexity(cfg, model_dir, disc, data_dir, logs)
-    conditions = condition_sets(cfg)
-    missing = [s for _, s, _ in conditions if s and not (disc / "sets" / f"{s}.json").exists()]
+    specs = condition_sets(cfg)
+    missing = [s.set_name for s in specs if s.set_name and not (disc / "sets" / f"{s.set_name}.json").exists()]
     if missing:
         raise RuntimeError(f"discovery did not produce the sets {missing} in {disc / 'sets'}")
-    settings = eval_settings(cfg, data_dir)
-    runs = cfg.out / "runs"
-    pending = [c for c in eval_conditions(cfg, disc) if not condition_done(runs, c, settings)]
-    if pending:
+    plan = [(runs, [c for c in conds if not condition_done(runs, c, settings)], settings)
+            for runs, conds, settings in evaluation_plan(cfg, disc, data_dir)]
+    if any(pending for _, pending, _ in plan):
         with serve(model_dir, "--neuron-sets", str(disc / "sets"), log_path=logs / "server.log",
                    max_sets=8, served_name="model", dtype=cfg.dtype,
+                   max_model_len=max(cfg.ppl_window, cfg.window) + 1,
                    kv_cache_bytes=cfg.kv_cache_mb * 2**20, announce=console.print) as server:
-            evaluate_conditions(server.url, pending, runs, settings, tokenizer=model_dir,
-                                cache=cfg.out / "cache" / "scores.sqlite", served_name="model",
-                                start_token=recorded_start_token(model_dir), title="reproduce")
+            for runs, pending, settings in plan:
+                evaluate_conditions(server.url, pending, runs, settings, tokenizer=model_dir,
+                                    cache=out / "cache" / "scores.sqlite", served_name="model",
+                                    start_token=recorded_start_token(model_dir),
+                                    title=f"reproduce: {runs.name}")
+    run_lm_tasks_phase(cfg, model_dir, disc, logs)
+    run_layers_phase(cfg, model_dir, disc, data_dir)
     from eval.report import write_report
 
-    path = write_report(cfg, disc, conditions, model_dir, elapsed_s=_add_elapsed(cfg.out, time.monotonic() - t0))
+    path = write_report(cfg, disc, specs, model_dir, elapsed_s=_add_elapsed(out, time.monotonic() - t0))
     console.print(f"[green]report:[/green] {path}")
     return path
 
 
+def _percents(text: str) -> list[float]:
+    try:
+        values = [float(x.strip().rstrip("%")) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--top takes percents separated by commas (1,2,5), got {text!r}") from None
+    bad = [v for v in values if not 0.0 < v <= 100.0]
+    if not values or bad:
+        raise typer.BadParameter(f"--top percents must be in (0, 100], got {text!r}")
+    return values
+
+
 def reproduce_command(
-    model: str = typer.Option(_R.model, help="Embedded model name (fetched once) or an HF model dir."),
-    out: Path = typer.Option(_R.out, help="Output folder: report, runs, logs (rerun to resume)."),
-    dtype: str = typer.Option(_R.dtype, help="float32: exact (oracle-equal). bfloat16: about 1.7x faster where the hardware has bf16 units (avx512_bf16, AMX, GPUs); refused on CPUs without them. Its effect on BLiMP decisions: README, 'Precision'."),
-    top: float = typer.Option(_R.top_percent, help="Percent of neurons per layer in the Wasserstein set."),
+    model: str = typer.Option(_R.model, help="Embedded model name (smollm2-135m, gemma-3-270m; fetched once) or an HF model dir."),
+    out: Path | None = typer.Option(None, help="Output folder: report, runs, logs (rerun to resume). Default: docs/results/<model>."),
+    dtype: str = typer.Option(_R.dtype, help="float32: exact (oracle-equal). bfloat16: 1.4-1.7x faster where the hardware has bf16 units (avx512_bf16, AMX, GPUs); refused on CPUs without them. Its effect on decisions and deltas: README, 'Precision'."),
+    top: str = typer.Option(",".join(f"{p:g}" for p in _R.top), help="Percents of neurons per layer, one Wasserstein set each, from one discovery pass; the first is the main p (Wasserstein-positive, full BLiMP)."),
     discovery_tokens: int = typer.Option(_R.discovery_tokens, help="WikiText-2 valid tokens observed to score neurons."),
-    blimp_per_paradigm: int = typer.Option(_R.blimp_per_paradigm, help="BLiMP pairs per paradigm (67 paradigms; 1000 = all)."),
+    discovery_text: str = typer.Option(_R.discovery_text, help="Discovery corpus: unk-removed (the <unk> tokens dropped, the rest as the reference's raw text), detokenized, or tokenized (as is)."),
+    blimp_per_paradigm: int = typer.Option(_R.blimp_per_paradigm, help="BLiMP pairs per paradigm for every condition (67 paradigms of 1,000)."),
+    blimp_main_per_paradigm: int = typer.Option(_R.blimp_main_per_paradigm, help="BLiMP pairs per paradigm for the main p's baseline, Wasserstein-negative, random-negative and bottom-matched conditions (1000: all 67,000)."),
     tse_per_test: int = typer.Option(_R.tse_per_test, help="TSE pairs per test (22 Marvin & Linzen tests: agreement, reflexives, NPI; 120-2,000 pairs each)."),
-    ppl_windows: int = typer.Option(_R.ppl_windows, help="WikiText-2 test windows (of --window tokens) for perplexity."),
-    window: int = typer.Option(_R.window, help="Tokens per window (discovery and perplexity)."),
+    ppl_windows: int = typer.Option(_R.ppl_windows, help="Raw WikiText-2 test windows for perplexity."),
+    ppl_window: int = typer.Option(_R.ppl_window, help="Tokens per perplexity window (the reference's 2,048)."),
+    window: int = typer.Option(_R.window, help="Tokens per window in discovery and the perplexity-matched search."),
     match_tokens: int = typer.Option(_R.match_tokens, help="Held-out tokens per perplexity-matching step."),
     match_max_iter: int = typer.Option(_R.match_max_iter, help="Most bisection steps of the perplexity-matched search."),
+    lm_tasks: str = typer.Option(",".join(_R.lm_tasks), help="lm_eval tasks for the baseline, Wasserstein-negative and both matched controls at the main p (offline copies; '' skips them)."),
+    lm_tasks_limit: int = typer.Option(_R.lm_tasks_limit or 0, help="First N documents of each lm_eval task (0: all)."),
+    layers_blimp_per_paradigm: int = typer.Option(_R.layers_blimp_per_paradigm, help="BLiMP pairs per paradigm for the layer analysis of the main set (0 skips it)."),
     cpu_bind_all_cores: bool = typer.Option(
         _R.cpu_bind_all_cores, help="On CPU, give vLLM's worker every core (vLLM keeps one back by default)."),
     seed: int = typer.Option(_R.seed, help="Seed of subsampling and random controls."),
 ) -> None:
     """Reproduce the paper's main comparison on a real model, offline, in one command.
 
-    Finds Wasserstein neurons inside vLLM (WikiText-2 valid), builds the random and
-    perplexity-matched controls, serves every condition with `negablate serve`, and
-    evaluates baseline / Wasserstein-negative / Wasserstein-positive / random-negative /
-    perplexity-matched-negative (random neurons) / perplexity-matched-bottom-negative
-    (lowest-W1 neurons) on BLiMP, TSE and WikiText-2 test perplexity. Writes
-    OUT/REPORT.md, report.json and PNG charts. Interrupted? Run the same command again.
+    Finds Wasserstein neurons inside vLLM (WikiText-2 valid, <unk> removed) once, and for
+    each --top p builds the Wasserstein set, a random control of the same per-layer counts
+    and two perplexity-matched controls (random and lowest-W1 neurons). Serves every
+    condition with `negablate serve` and scores BLiMP, TSE (22 tests) and raw WikiText-2
+    test perplexity (2,048-token windows) over HTTP. Writes OUT/REPORT.md (main table,
+    the sweep against p, TSE by field), report.json, CSVs and PNG charts. Interrupted?
+    Run the same command again: every phase resumes, and a folder made with other
+    settings is refused.
 
-    Example: negablate reproduce --blimp-per-paradigm 100 --out report-100
+    The defaults are the powered run (hours on a 2-core CPU). A quick look:
+    negablate reproduce --top 1 --blimp-per-paradigm 15 --blimp-main-per-paradigm 15 --tse-per-test 20 --lm-tasks-limit 50 --layers-blimp-per-paradigm 0 --out quick
     """
     from vllm_negablate.precision import DtypeError, check_dtype_runnable
 
     try:
         dtype = check_dtype_runnable(dtype)  # before any engine starts
-    except DtypeError as e:
+        cfg = ReproduceConfig(
+            model=model, out=out, dtype=dtype, top=_percents(top), discovery_tokens=discovery_tokens,
+            discovery_text=discovery_text, blimp_per_paradigm=blimp_per_paradigm,
+            blimp_main_per_paradigm=blimp_main_per_paradigm, tse_per_test=tse_per_test,
+            ppl_windows=ppl_windows, ppl_window=ppl_window, window=window, seed=seed,
+            match_tokens=match_tokens, match_max_iter=match_max_iter, cpu_bind_all_cores=cpu_bind_all_cores,
+            lm_tasks=[t.strip() for t in lm_tasks.split(",") if t.strip()], lm_tasks_limit=lm_tasks_limit or None,
+            layers_blimp_per_paradigm=layers_blimp_per_paradigm,
+        )
+        reproduce(cfg)
+    except (DtypeError, PreflightError, typer.BadParameter) as e:
         console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    try:
-        reproduce(ReproduceConfig(
-            model=model, out=out, dtype=dtype, top_percent=top, discovery_tokens=discovery_tokens,
-            blimp_per_paradigm=blimp_per_paradigm, tse_per_test=tse_per_test,
-            ppl_windows=ppl_windows, window=window, seed=seed, match_tokens=match_tokens,
-            match_max_iter=match_max_iter, cpu_bind_all_cores=cpu_bind_all_cores,
-        ))
-    except PreflightError as e:
-        console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        console.print(f"[bold red]error:[/bold red] {msgs}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

@@ -3,47 +3,85 @@
 Apart from the orchestration in :mod:`eval.reproduce` so that the report
 (:mod:`eval.report`) and the console script can read them without importing
 the run itself. Light: pydantic only.
+
+A run is a **top-p sweep**: one discovery pass scores every neuron, and each ``p`` of
+``top`` gets its own Wasserstein set and controls from those scores. The **main p**
+(the first of ``top``) also gets the Wasserstein-positive mirror, and its main
+conditions (:data:`FULL_BLIMP_KINDS`) are scored on ``blimp_main_per_paradigm`` BLiMP
+pairs per paradigm (1,000 = all 67,000 pairs), the rest on ``blimp_per_paradigm``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from eval.lm_eval_tasks.local import NONGRAMMATICAL_TASKS
 from vllm_negablate import defaults, set_names
+from vllm_negablate.neuron_set import percent_label
 from vllm_negablate.precision import DTYPES, normalize_dtype
+
+RESULTS_ROOT = Path("docs") / "results"  # the default output folder is RESULTS_ROOT/<model name>
+
+DiscoveryText = Literal["unk-removed", "detokenized", "tokenized"]
 
 
 class ReproduceConfig(BaseModel):
     """Every knob of a run; the defaults are what ``negablate reproduce`` uses.
 
-    They are sized so that Gemma 3 270M finishes well under an hour on a 2-core
-    CPU, with about 30k scored tokens per condition. float32 is the exact mode:
-    every served ablation equals the transformers oracle to float tolerance.
-    bfloat16 is the fast mode where the hardware has bf16 units (``avx512_bf16`` or
-    AMX; about 1.7x the float32 scoring rate on this project's 2-core EPYC); its
-    effect on BLiMP decisions and ablation deltas is in the README ("Precision").
+    Sized for power, not speed: at the main p the four main conditions see all
+    67,000 BLiMP pairs (a 0.3-point minimal detectable effect), the sweep 200 pairs per
+    paradigm (13,400; about 1 point) and 200 pairs per TSE test. SmolLM2-135M takes
+    hours on a 2-core CPU; every phase resumes. ``--blimp-per-paradigm 15
+    --blimp-main-per-paradigm 15 --tse-per-test 20 --top 1`` is a quick look.
+
+    float32 is the exact mode: every served ablation equals the transformers oracle to
+    float tolerance. bfloat16 is the fast mode where the hardware has bf16 units
+    (``avx512_bf16``, AMX, GPUs; 1.4-1.7x the float32 scoring rate on this project's
+    2-core EPYC); its effect on decisions and deltas is in the README ("Precision").
     """
 
-    model: str = "gemma-3-270m"
-    out: Path = Path("report")
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "smollm2-135m"
+    out: Path | None = None  # None: docs/results/<model name> (see :meth:`out_dir`)
     dtype: str = "float32"
-    top_percent: float = 1.0
-    discovery_tokens: int = 32_768
-    window: int = defaults.WINDOW_TOKENS
-    blimp_per_paradigm: int = 15
-    tse_per_test: int = 20
-    tse_source: str = "tse"  # all 22 Marvin & Linzen tests; "tse-ml": the 15 agreement tests
-    ppl_windows: int = 8
+    # percents of neurons per layer; the first is the main p (Wasserstein-positive, full BLiMP)
+    top: list[float] = [1.0, 2.0, 5.0]
+    discovery_tokens: int = 131_072
+    # the discovery corpus (WikiText-2 valid): "unk-removed" drops the tokenized split's
+    # <unk> tokens and keeps the rest as the reference's raw text has it (its " @-@ " too);
+    # "detokenized" also undoes WikiText's tokenization; "tokenized": the file as it is
+    discovery_text: DiscoveryText = "unk-removed"
+    window: int = defaults.WINDOW_TOKENS  # discovery and perplexity-matching windows
+    blimp_per_paradigm: int = 200
+    blimp_main_per_paradigm: int = 1000  # >= the BLiMP paradigm size: all pairs
+    tse_per_test: int = 200
+    tse_source: Literal["tse", "tse-ml"] = "tse"  # all 22 Marvin & Linzen tests; "tse-ml": 15
+    ppl_window: int = 2048  # the reference's perplexity windows (start token included)
+    ppl_windows: int = 16
+    ppl_text: Literal["raw", "tokenized"] = "raw"  # WikiText-2 test: raw (the reference's) or <unk>
     match_tokens: int = 16_384
     match_tol: float = 0.02  # relative; used only when match_tol_effect is None
     # tolerance of the perplexity-matched search as a share of the Wasserstein set's own
     # log-perplexity effect (a fixed 2% accepted even the unablated model on Gemma)
     match_tol_effect: float | None = 0.1
     match_max_iter: int = 8
+    # the double dissociation: lm_eval's non-grammatical tasks (offline copies), for the
+    # baseline, Wasserstein-negative and both perplexity-matched controls at the main p
+    lm_tasks: list[str] = list(NONGRAMMATICAL_TASKS)  # PIQA, ARC-E/C, WinoGrande, SciQ, LAMBADA, OBQA, BoolQ
+    lm_tasks_limit: int | None = 300  # first N documents of each task (None: all)
+    # depth (the main p's Wasserstein set one layer at a time and over the first k layers);
+    # 0 pairs skips it
+    layers_blimp_per_paradigm: int = 50
+    layers_ks: list[int] | None = None  # None: 1, 2, 4, 8, ... and every layer
     cpu_bind_all_cores: bool = True
     seed: int = 0
+    n_boot: int = 2_000
+    kv_cache_mb: int = 1024
+    data_dir: Path | None = None
 
     @field_validator("dtype")
     @classmethod
@@ -52,14 +90,61 @@ class ReproduceConfig(BaseModel):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {value!r}: use one of {', '.join(DTYPES)}")
         return dtype
-    n_boot: int = 2_000
-    kv_cache_mb: int = 1024
-    data_dir: Path | None = None
+
+    @field_validator("top")
+    @classmethod
+    def _percents(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("top needs at least one percent")
+        bad = [p for p in value if not 0.0 < p <= 100.0]
+        if bad:
+            raise ValueError(f"top percents must be in (0, 100], got {bad}")
+        return list(dict.fromkeys(float(p) for p in value))
+
+    @model_validator(mode="after")
+    def _counts(self) -> ReproduceConfig:
+        for name in ("blimp_per_paradigm", "blimp_main_per_paradigm", "discovery_tokens", "ppl_window",
+                     "window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.blimp_main_per_paradigm < self.blimp_per_paradigm:
+            raise ValueError(f"blimp_main_per_paradigm ({self.blimp_main_per_paradigm}) must be >= "
+                             f"blimp_per_paradigm ({self.blimp_per_paradigm})")
+        return self
+
+    @property
+    def main_top(self) -> float:
+        return self.top[0]
+
+    @property
+    def full_blimp(self) -> bool:
+        """Whether the main conditions get more BLiMP pairs than the sweep (their own runs)."""
+        return self.blimp_main_per_paradigm > self.blimp_per_paradigm
+
+    def out_dir(self) -> Path:
+        """``out``, or ``docs/results/<model name>`` (a model folder: its name)."""
+        if self.out is not None:
+            return Path(self.out)
+        return RESULTS_ROOT / Path(self.model).expanduser().name
 
 
-# (label, description); the set each condition serves comes from :func:`condition_sets`
-CONDITIONS = [
-    ("baseline", "no ablation"),
+class ConditionSpec(BaseModel):
+    """One served condition: a run-directory label, the set it serves, what it is."""
+
+    label: str  # run directory under runs/ (and runs-full/)
+    kind: str  # baseline, wasserstein-negative, ... (one of KINDS)
+    top: float | None  # the p of its Wasserstein set; None for the baseline
+    set_name: str | None  # None: no ablation
+    description: str
+    main: bool  # at the main p (the main table)
+    full_blimp: bool  # scored on blimp_main_per_paradigm pairs too
+
+
+BASELINE = "baseline"
+
+# (kind, description); every kind but the baseline is served at each p unless MAIN_ONLY_KINDS
+KINDS = [
+    (BASELINE, "no ablation"),
     ("wasserstein-negative", "Wasserstein neurons, negative side zeroed"),
     ("wasserstein-positive", "same neurons, positive side zeroed"),
     ("random-negative", "random neurons, same count per layer"),
@@ -67,17 +152,53 @@ CONDITIONS = [
     ("perplexity-matched-bottom-negative",
      "lowest-W1 neurons (the reference's `bottom`), count matched to the Wasserstein perplexity"),
 ]
+MAIN_ONLY_KINDS = frozenset({"wasserstein-positive"})
+LM_TASK_KINDS = ("wasserstein-negative", "perplexity-matched-negative", "perplexity-matched-bottom-negative")
+FULL_BLIMP_KINDS = frozenset({BASELINE, "wasserstein-negative", "random-negative",
+                              "perplexity-matched-bottom-negative"})
 
 
-def condition_sets(cfg: ReproduceConfig) -> list[tuple[str, str | None, str]]:
-    """(label, set name or None for the baseline, description) of every condition."""
-    p, seed = cfg.top_percent, cfg.seed
+def condition_label(kind: str, top: float | None) -> str:
+    """``baseline`` or ``{kind}-top{p}`` (``wasserstein-negative-top2``)."""
+    return kind if top is None else f"{kind}-top{percent_label(top)}"
+
+
+def set_name_for(kind: str, top: float, seed: int) -> str:
     names = {
-        "baseline": None,
-        "wasserstein-negative": set_names.wasserstein_top(p),
-        "wasserstein-positive": set_names.wasserstein_top(p, "positive"),
-        "random-negative": set_names.random_control(p, seed),
-        "perplexity-matched-negative": set_names.perplexity_matched(p, seed),
-        "perplexity-matched-bottom-negative": set_names.perplexity_matched(p, seed, pool="bottom"),
+        "wasserstein-negative": lambda: set_names.wasserstein_top(top),
+        "wasserstein-positive": lambda: set_names.wasserstein_top(top, "positive"),
+        "random-negative": lambda: set_names.random_control(top, seed),
+        "perplexity-matched-negative": lambda: set_names.perplexity_matched(top, seed),
+        "perplexity-matched-bottom-negative": lambda: set_names.perplexity_matched(top, seed, pool="bottom"),
     }
-    return [(label, names[label], desc) for label, desc in CONDITIONS]
+    return names[kind]()
+
+
+def condition_sets(cfg: ReproduceConfig) -> list[ConditionSpec]:
+    """Every condition of the run: the baseline, the main p's kinds, then the other p's."""
+    out = [ConditionSpec(label=BASELINE, kind=BASELINE, top=None, set_name=None,
+                         description=KINDS[0][1], main=True, full_blimp=cfg.full_blimp)]
+    for p in cfg.top:
+        main = p == cfg.main_top
+        for kind, desc in KINDS[1:]:
+            if kind in MAIN_ONLY_KINDS and not main:
+                continue
+            out.append(ConditionSpec(
+                label=condition_label(kind, p), kind=kind, top=p, set_name=set_name_for(kind, p, cfg.seed),
+                description=desc, main=main, full_blimp=main and cfg.full_blimp and kind in FULL_BLIMP_KINDS))
+    return out
+
+
+def lm_task_sets(cfg: ReproduceConfig) -> list[str]:
+    """The sets lm_eval's tasks are run with (besides the baseline): the main p's
+    Wasserstein-negative set and both perplexity-matched controls."""
+    return [set_name_for(kind, cfg.main_top, cfg.seed) for kind in LM_TASK_KINDS]
+
+
+def default_ks(num_layers: int) -> list[int]:
+    """Depths of the first-k curve: powers of two below the depth, and the depth itself."""
+    ks, k = [], 1
+    while k < num_layers:
+        ks.append(k)
+        k *= 2
+    return [*ks, num_layers]

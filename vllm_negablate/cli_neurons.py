@@ -44,6 +44,14 @@ def parse_percent(text: str | float) -> float:
     return value
 
 
+def parse_percents(text: str) -> list[float]:
+    """'1,2,5' or '1%,2%' -> [1.0, 2.0, 5.0] (order kept, the first is the main p); each in (0, 100]."""
+    items = [x for x in (t.strip() for t in str(text).split(",")) if x]
+    if not items:
+        raise typer.BadParameter(f"--top needs at least one percent, got {text!r}")
+    return list(dict.fromkeys(parse_percent(x) for x in items))
+
+
 def _make_llm(model: str, *, tp: int, dtype: str, kv_cache_mb: int, max_model_len: int,
               seed: int, max_num_seqs: int = 32):
     from vllm import LLM
@@ -78,7 +86,9 @@ def _fail(msg: str, code: int = 2) -> None:
 def find(
     model: str = typer.Argument(..., help="HF model directory or id."),
     corpus: Path = typer.Option(DEFAULT_CORPUS, help="Text corpus (WikiText rows joined by spaces)."),
-    top: str = typer.Option("1%", help="Percent of neurons per layer to select, e.g. 1%."),
+    top: str = typer.Option("1%", help="Percent of neurons per layer to select, e.g. 1%; a list "
+                            "(1,2,5) writes the sets of each p from the one pass (the first is "
+                            "the main p, recorded as top_percent)."),
     out: Path = typer.Option(..., help="Output directory (stats.npz, stats.json, sets/)."),
     max_tokens: int = typer.Option(131_072, help="Tokens to observe (0: the whole corpus)."),
     window: int = typer.Option(defaults.WINDOW_TOKENS, help="Tokens per window, BOS included (< the model's "
@@ -97,7 +107,10 @@ def find(
     """Run MODEL over a corpus inside vLLM and select its Wasserstein neurons."""
     from vllm_negablate.discovery.pipeline import find_neurons
 
-    percent = parse_percent(top)
+    try:
+        percents = parse_percents(top)
+    except typer.BadParameter as e:
+        _fail(str(e))
     if not corpus.is_file():
         _fail(f"corpus {corpus} not found")
     llm = _make_llm(model, tp=tp, dtype=dtype, kv_cache_mb=kv_cache_mb,
@@ -105,7 +118,7 @@ def find(
     try:
         result = find_neurons(
             llm, corpus, window_tokens=window, max_tokens=max_tokens or None,
-            top_percent=percent, seed=seed, include_wasserstein=include_wasserstein,
+            top_percent=percents, seed=seed, include_wasserstein=include_wasserstein,
             out_dir=out, estimator={"nbins": nbins, "warmup_tokens": warmup},
             keep_exact=keep_exact, collect=collect, use_tqdm=True,
         )
@@ -122,25 +135,31 @@ def find(
 
 # -------------------------------------------------------------------- control
 def _wasserstein_from_stats(stats_dir: Path, top: str | None):
+    """``([Wasserstein set per p], metadata, w1)``; ``top`` may list several percents."""
     from vllm_negablate.discovery.pipeline import load_statistics
     from vllm_negablate.discovery.recipes import wasserstein_set
 
     stats, meta = load_statistics(stats_dir)
     if "model" not in meta:
         _fail(f"{stats_dir}: no {META_FILE} with the model fingerprint")
-    percent = parse_percent(top) if top else float(meta.get("top_percent", 1.0))
+    try:
+        percents = parse_percents(top) if top else [float(meta.get("top_percent", 1.0))]
+    except typer.BadParameter as e:
+        _fail(str(e))
     source = {"corpus": meta.get("corpus"), "corpus_sha256": meta.get("corpus_sha256"),
               "tokens": meta.get("num_tokens"), "window_tokens": meta.get("window_tokens"),
               "model_path": meta.get("model_path"), "statistics": STATS_FILE}
     fp = ModelFingerprint(**meta["model"])
-    return wasserstein_set(stats["w1"], fp, percent, source=source), meta, stats["w1"]
+    return [wasserstein_set(stats["w1"], fp, p, source=source) for p in percents], meta, stats["w1"]
 
 
 @neurons_app.command("control")
 def control(
     stats_dir: Path = typer.Argument(..., help="Directory written by 'neurons find'."),
     kind: str = typer.Option(..., help="random | perplexity-matched | layer | first-k"),
-    top: str | None = typer.Option(None, help="Percent for the Wasserstein set (default: as found)."),
+    top: str | None = typer.Option(None, help="Percent for the Wasserstein set (default: as found); "
+                                   "random and perplexity-matched take a list (1,2,5: one engine "
+                                   "for every search)."),
     seed: int = typer.Option(0),
     include_wasserstein: bool = typer.Option(False, help="Random draws may include the W. set."),
     base: Path | None = typer.Option(None, help="layer/first-k: restrict this set file instead."),
@@ -177,11 +196,14 @@ def control(
         _fail(f"unknown --pool {pool!r}: one or more of {', '.join(set_names.POOLS)}")
     if tol_effect is not None and not tol_effect > 0:
         _fail(f"--tol-effect must be > 0, got {tol_effect}")
-    wset, meta, w1 = _wasserstein_from_stats(stats_dir, top)
+    wsets, meta, w1 = _wasserstein_from_stats(stats_dir, top)
+    wset = wsets[0]
     out_dir = out or stats_dir / SETS_DIR
     made: list[NeuronSet] = []
+    if kind in ("layer", "first-k") and len(wsets) > 1:
+        _fail(f"--kind {kind} takes one --top, got {top!r}")
     if kind == "random":
-        made.append(random_control(wset, seed=seed, include_wasserstein=include_wasserstein))
+        made += [random_control(w, seed=seed, include_wasserstein=include_wasserstein) for w in wsets]
     elif kind in ("layer", "first-k"):
         try:
             src = NeuronSet.load(base) if base else wset
@@ -197,18 +219,18 @@ def control(
                     _fail(f"--k {kk} out of range 1..{n}")
                 made.append(restrict_layers(src, range(kk), suffix=f"first{kk}"))
     elif kind == "perplexity-matched":
-        found = _perplexity_matched(wset, meta, model, eval_corpus, eval_tokens, window, tol,
+        found = _perplexity_matched(wsets, meta, model, eval_corpus, eval_tokens, window, tol,
                                     max_iter, seed, include_wasserstein, tp, dtype, kv_cache_mb,
                                     pools=pools, scores=w1, tol_effect=tol_effect)
-        unmatched = [ns.name for ns, match in found if not match.converged]
+        unmatched = [ns.name for ns, match, _ in found if not match.converged]
         if unmatched and not save_unconverged:
-            made += [ns for ns, match in found if match.converged]
+            made += [ns for ns, match, _ in found if match.converged]
             for ns in made:
                 console.print(f"{ns.name}: {ns.num_neurons()} neurons -> "
                               f"{ns.save(out_dir / f'{ns.name}.json')}")
             _fail(f"not written: {', '.join(unmatched)} (--save-unconverged writes the closest "
                   f"set)", code=1)
-        made += [ns for ns, _ in found]
+        made += [ns for ns, _, _ in found]
     else:
         _fail(f"unknown --kind {kind!r}: random | perplexity-matched | layer | first-k")
     for ns in made:
@@ -216,10 +238,11 @@ def control(
         console.print(f"{ns.name}: {ns.num_neurons()} neurons {ns.counts_per_layer()} -> {path}")
 
 
-def _perplexity_matched(wset, meta, model, eval_corpus, eval_tokens, window, tol, max_iter, seed,
+def _perplexity_matched(wsets, meta, model, eval_corpus, eval_tokens, window, tol, max_iter, seed,
                         include_wasserstein, tp, dtype, kv_cache_mb, *, pools=("random",),
                         scores=None, tol_effect=None):
-    """One engine, one search per pool; ``[(set, match), ...]`` in the order of ``pools``."""
+    """One engine, one search per (Wasserstein set, pool); ``[(set, match, wset), ...]`` in
+    the order of ``wsets`` then ``pools``."""
     from vllm_negablate.discovery.corpus import corpus_windows
     from vllm_negablate.discovery.matching import offline_perplexity, perplexity_matched_control
     from vllm_negablate.discovery.pipeline import engine_model_path
@@ -245,19 +268,19 @@ def _perplexity_matched(wset, meta, model, eval_corpus, eval_tokens, window, tol
             console.print(f"  [{i}/{max_iter}] fraction {f:.4f} -> perplexity {p:.4f}")
 
         found = []
-        for pool in pools:
-            console.print(f"pool {pool}:")
-            found.append(perplexity_matched_control(
+        for wset, pool in ((w, p) for w in wsets for p in pools):
+            console.print(f"{wset.name}, pool {pool}:")
+            found.append((*perplexity_matched_control(
                 llm, wset, windows, seed=seed, include_wasserstein=include_wasserstein, tol=tol,
                 max_iter=max_iter, progress=progress, pool=pool, scores=scores,
                 tol_effect=tol_effect, base_perplexity=base_ppl,
                 eval_source={"eval_corpus": str(eval_corpus.resolve()),
                              "eval_corpus_sha256": sha256_file(eval_corpus),
                              "baseline_perplexity": base_ppl},
-            ))
+            ), wset))
     finally:
         _shutdown(llm)
-    for ns, match in found:
+    for ns, match, wset in found:
         colour = "green" if match.converged else "yellow"
         tol_used = ns.provenance.source["tolerance"]
         console.print(f"[{colour}]{ns.name}: {'converged' if match.converged else 'not converged'}"

@@ -206,6 +206,26 @@ def plot(result: LayersResult, path: Path) -> Path:
     return path
 
 
+def markdown_section(result: LayersResult, image: str | None = None) -> str:
+    """The depth section of a report: BLiMP drop and perplexity ratio of the full set,
+    each layer alone and the first k layers."""
+    s = result.settings
+    lines = [f"## Depth: {result.base_set} one layer at a time and over the first k layers", "",
+             f"{result.baseline.blimp_n:,} BLiMP pairs ({s.blimp_per_paradigm} per paradigm) and "
+             f"{s.ppl_windows} WikiText-2 test windows of {s.window} tokens per condition; drop = "
+             "baseline accuracy minus the condition's, points [95% paired bootstrap CI] (`layers/layers.csv`).",
+             "", "| ablated | neurons | BLiMP drop [95% CI] | p | PPL ratio |", "|---|---:|---:|---:|---:|"]
+    for r in [result.full, *result.first_k, *result.layers]:
+        lines.append(f"| {r.label} | {r.neurons} | {fmt_drop(r)} | {r.blimp_p:.2g} | {fmt_ratio(r.ppl_ratio)} |")
+    if image:
+        lines += ["", f"![Depth]({image})"]
+    return "\n".join(lines) + "\n"
+
+
+def load_result(path: Path) -> LayersResult:
+    return LayersResult.model_validate_json(Path(path).read_text())
+
+
 def print_table(result: LayersResult) -> None:
     t = Table(title=f"layer analysis: {result.base_set}")
     for c in ("condition", "neurons", "BLiMP acc", "drop [95% CI]", "p", "ppl ratio"):

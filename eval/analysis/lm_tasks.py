@@ -13,7 +13,8 @@ numbers mean what they mean everywhere else:
 - lm_eval's own task definitions are used by name (``arc_easy``, ``piqa``, ... when
   the hub is reachable); offline, :data:`eval.lm_eval_tasks.local.LOCAL_TASKS`
   generates task YAMLs that read local copies, e.g. ``piqa_local`` from ``../shared/data/piqa``: the same prompt,
-  choices and metrics as lm_eval's ``piqa`` task, on the same validation split;
+  choices and metrics as lm_eval's ``piqa`` task, on the same validation split (also ARC-Easy/Challenge,
+  WinoGrande, SciQ, LAMBADA, OpenBookQA, BoolQ, and the group ``nongrammatical_local`` of all eight);
 - the results JSONs are folded into one tidy table (task, metric, condition,
   value, stderr, delta vs baseline and the delta's standard error: *paired* over
   items when per-item samples were logged, which is much tighter than the
@@ -626,7 +627,8 @@ def register(app: typer.Typer) -> None:
         task: list[str] | None = typer.Option(
             None, "--task", help="lm_eval task/group name (repeatable or comma-separated). Offline: "
                                  f"{', '.join(LOCAL_TASKS)} (generated from local data); with network any "
-                                 "lm_eval task, e.g. arc_easy, hellaswag. Default: piqa_local."),
+                                 "lm_eval task, e.g. arc_easy, hellaswag. nongrammatical_local: all eight local tasks. "
+                                 "Default: piqa_local."),
         limit: int | None = typer.Option(None, "--limit", "-n", help="First N documents of each task "
                                                                     "(lm_eval --limit)."),
         out: Path = typer.Option(Path("report/lm_tasks"), "--out", "-o",

@@ -64,6 +64,9 @@ class EvalSettings(BaseModel):
     tse_source: Literal["tse", "tse-ml"] = "tse"
     ppl_windows: int = 4
     window: int = defaults.WINDOW_TOKENS
+    # WikiText-2 test for perplexity: "raw" (wiki.test.raw, the reference's text) or the
+    # tokenized test.txt (rare words as <unk>)
+    ppl_text: Literal["raw", "tokenized"] = "raw"
     seed: int = 0
     n_boot: int = 2000
     concurrency: int = 2
@@ -134,7 +137,13 @@ def tse_options(cond: Condition, s: EvalSettings) -> dict[str, Any]:
 
 def ppl_options(cond: Condition, s: EvalSettings) -> dict[str, Any]:
     return {"condition": cond.label, "set_hash": cond.set_hash, "window": s.window,
-            "ppl_windows": s.ppl_windows}
+            "ppl_windows": s.ppl_windows, "ppl_text": s.ppl_text}
+
+
+def ppl_text_path(s: EvalSettings) -> Path:
+    """The WikiText-2 test file perplexity reads under these settings."""
+    base = (s.data_dir or default_data_dir()) / "wikitext-2"
+    return base / "raw" / "wiki.test.raw" if s.ppl_text == "raw" else base / "test.txt"
 
 
 def run_done(run_dir: Path, options: dict[str, Any]) -> bool:
@@ -274,7 +283,7 @@ def evaluate_conditions(
     load_tse_source = load_tse if settings.tse_source == "tse" else load_tse_ml
     tse_pairs = (stratified_subsample(load_tse_source(data_dir), settings.tse_per_test, settings.seed)
                  if settings.tse_per_test > 0 else [])
-    text_path = data_dir / "wikitext-2" / "test.txt"
+    text_path = ppl_text_path(settings)
     text = load_wikitext_text(text_path) if settings.ppl_windows > 0 else ""
     cache.parent.mkdir(parents=True, exist_ok=True)
     pair_seqs: dict[str, list[list[int]]] = {}

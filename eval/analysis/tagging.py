@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from eval.wikitext import _NUMBER_JOINERS, _WT_MARKERS, detokenize_wikitext_line
+
 __all__ = [
     "CONTENT_TAGS",
     "FUNCTION_TAGS",
@@ -144,61 +146,11 @@ class TaggedWord:
 
 # --------------------------------------------------------------------------- WikiText
 
-_WT_MARKERS = {"@-@": "-", "@,@": ",", "@.@": "."}
-_NUMBER_JOINERS = frozenset({"@,@", "@.@"})
-_CLOSERS = frozenset({".", ",", ";", ":", "!", "?", ")", "]", "}", "%", "'", "...", "’"})
-_CLITICS = frozenset({"'s", "n't", "'re", "'ve", "'m", "'ll", "'d", "’s", "n’t"})
-_OPENERS = frozenset({"(", "[", "{", "$", "£", "€", "#"})
 _SENT_END = frozenset({".", "!", "?"})
 
 
 def _is_heading(tokens: Sequence[str]) -> bool:
     return len(tokens) >= 2 and tokens[0] == "=" and tokens[-1] == "="
-
-
-def detokenize_wikitext_line(tokens: Sequence[str]) -> tuple[str, list[tuple[int, int]], list[str]]:
-    """Join one line's WikiText tokens into normal text.
-
-    Returns ``(text, spans, ptb_forms)`` with one entry per *input token*:
-    ``spans[i]`` is where token ``i`` ended up in ``text`` and ``ptb_forms[i]`` is
-    its form for a PTB tagger. Rules (WikiText's tokenization undone):
-
-    - ``@-@ @,@ @.@`` -> ``- , .`` glued to both neighbours;
-    - closing punctuation (``. , ; : ! ? ) ] } % '``) and clitics (``'s n't 're 've
-      'm 'll 'd``) glue to the previous token;
-    - opening brackets and currency signs (``( [ { $ £ € #``) glue to the next;
-    - double quotes alternate, per line, between opening (glued to the next token,
-      PTB form ``````) and closing (glued to the previous, PTB form ``''``).
-    """
-    parts: list[str] = []
-    spans: list[tuple[int, int]] = []
-    forms: list[str] = []
-    pos = 0
-    glue_next = True  # no space before the first token
-    quote_open = False
-    for tok in tokens:
-        render = _WT_MARKERS.get(tok, tok)
-        attach = glue_next or tok in _WT_MARKERS or tok in _CLOSERS or tok.lower() in _CLITICS
-        glue_next = False
-        form = render
-        if tok == '"':
-            if quote_open:  # closing quote
-                attach = True
-                form = "''"
-            else:
-                glue_next = True
-                form = "``"
-            quote_open = not quote_open
-        if tok in _OPENERS or tok in _WT_MARKERS:
-            glue_next = True
-        if not attach:
-            parts.append(" ")
-            pos += 1
-        parts.append(render)
-        spans.append((pos, pos + len(render)))
-        forms.append(form)
-        pos += len(render)
-    return "".join(parts), spans, forms
 
 
 def _sentences_from_tokens(

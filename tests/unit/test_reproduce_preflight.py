@@ -20,7 +20,7 @@ def _data(root: Path, *, drop: tuple[str, ...] = ()) -> Path:
     files = ([f"blimp/{p}.jsonl" for p in BLIMP_PARADIGMS]
              + [f"tse/{t}.jsonl" for t in TSE_TESTS]
              + [f"tse-ml/{t}_all.jsonl" for t in TSE_ML_TESTS]
-             + ["wikitext-2/valid.txt", "wikitext-2/test.txt"])
+             + ["wikitext-2/valid.txt", "wikitext-2/test.txt", "wikitext-2/raw/wiki.test.raw"])
     for rel in files:
         if rel not in drop:
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -78,13 +78,39 @@ def test_preflight_refuses_an_output_folder_with_other_settings(tmp_path):
     (out / "config.json").write_text(first.model_dump_json())
     # how a run runs, or where, may change; what it computes may not
     preflight(first.model_copy(update={"kv_cache_mb": 4096, "n_boot": 10_000, "cpu_bind_all_cores": False}))
-    with pytest.raises(PreflightError, match=r"blimp_per_paradigm 15 -> 200; top_percent 1.0 -> 2.0"):
-        preflight(first.model_copy(update={"blimp_per_paradigm": 200, "top_percent": 2.0}))
-    # a setting the old folder did not record is not held against it
+    with pytest.raises(PreflightError, match=r"blimp_per_paradigm 15 -> 200; top \[1.0, 2.0, 5.0\] -> \[2.0\]"):
+        preflight(first.model_copy(update={"blimp_per_paradigm": 200, "top": [2.0]}))
+    # a folder from an older version that did not record a setting: its value is unknown
     old = json.loads((out / "config.json").read_text())
-    del old["match_tol"]
+    del old["discovery_text"]
     (out / "config.json").write_text(json.dumps(old))
-    preflight(first.model_copy(update={"match_tol": 0.05}))
+    with pytest.raises(PreflightError, match=r"not recorded there: discovery_text"):
+        preflight(first)
+
+
+def test_the_default_output_folder_is_per_model(tmp_path):
+    assert ReproduceConfig().out_dir() == Path("docs/results/smollm2-135m")
+    assert ReproduceConfig(model="gemma-3-270m").out_dir() == Path("docs/results/gemma-3-270m")
+    assert ReproduceConfig(model=str(tmp_path / "my-model")).out_dir() == Path("docs/results/my-model")
+    assert ReproduceConfig(out=tmp_path / "x").out_dir() == tmp_path / "x"
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"top": [0.0, 1.0]}, "must be in \\(0, 100\\]"),
+    ({"top": [150.0]}, "must be in \\(0, 100\\]"),
+    ({"top": []}, "at least one percent"),
+    ({"blimp_main_per_paradigm": 10, "blimp_per_paradigm": 20}, "must be >= blimp_per_paradigm"),
+    ({"discovery_text": "pretty"}, "discovery_text"),
+    ({"dtype": "int8"}, "use one of"),
+])
+def test_bad_settings_are_refused(update, message):
+    with pytest.raises(ValueError, match=message):
+        ReproduceConfig(**update)
+
+
+def test_top_list_keeps_its_order_once_each():
+    cfg = ReproduceConfig(top=[2, 1, 2.0, 5])
+    assert cfg.top == [2.0, 1.0, 5.0] and cfg.main_top == 2.0
 
 
 def test_the_command_stops_before_any_engine(tmp_path, monkeypatch):
@@ -96,4 +122,8 @@ def test_the_command_stops_before_any_engine(tmp_path, monkeypatch):
     monkeypatch.setenv("NEGABLATE_DATA_DIR", str(_data(tmp_path / "d")))
     res = CliRunner().invoke(_app(), ["--model", "gpt-17", "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "not a model folder" in res.output, res.output
+    for bad, said in ((["--top", "1,0"], "(0, 100]"), (["--top", "1,x"], "separated by commas"),
+                      (["--blimp-per-paradigm", "0"], "blimp_per_paradigm")):
+        res = CliRunner().invoke(_app(), ["--model", "smollm2-135m", "--out", str(tmp_path / "r"), *bad])
+        assert res.exit_code == 2 and said in res.output, (bad, res.output)
     assert not started and not (tmp_path / "r").exists()

@@ -31,9 +31,27 @@ def test_recipes_and_consumers_agree(percent):
     assert restrict_layers(wset, [1]).name == set_names.layer_restricted(wset.name, [1]) == f"{wset.name}-layer1"
     assert restrict_layers(wset, [0, 1]).name == f"{wset.name}-first2"
     assert restrict_layers(wset, [0, 2]).name == f"{wset.name}-layers0_2"
-    cfg = ReproduceConfig(top_percent=percent, seed=3)
-    assert [s for _, s, _ in condition_sets(cfg)] == [
+    cfg = ReproduceConfig(top=[percent], seed=3)
+    assert [s.set_name for s in condition_sets(cfg)] == [
         None, wset.name, pos.name, rnd.name, set_names.perplexity_matched(percent, 3),
         set_names.perplexity_matched(percent, 3, pool="bottom")]
     assert condition_set_names(percent, 3) == {"wasserstein-negative": wset.name, "random-negative": rnd.name}
     assert default_base_set({"top_percent": percent}) == wset.name
+
+
+def test_a_sweep_serves_each_p_and_the_mirror_only_at_the_main_p():
+    cfg = ReproduceConfig(top=[2, 1], seed=0)
+    specs = condition_sets(cfg)
+    labels = [s.label for s in specs]
+    assert labels == [
+        "baseline", "wasserstein-negative-top2", "wasserstein-positive-top2", "random-negative-top2",
+        "perplexity-matched-negative-top2", "perplexity-matched-bottom-negative-top2",
+        "wasserstein-negative-top1", "random-negative-top1", "perplexity-matched-negative-top1",
+        "perplexity-matched-bottom-negative-top1"]
+    assert [s.set_name for s in specs if s.top == 1.0] == [
+        set_names.wasserstein_top(1), set_names.random_control(1, 0), set_names.perplexity_matched(1, 0),
+        set_names.perplexity_matched(1, 0, pool="bottom")]
+    # all of BLiMP for the main p's baseline, Wasserstein, random and bottom-matched conditions
+    assert [s.label for s in specs if s.full_blimp] == [
+        "baseline", "wasserstein-negative-top2", "random-negative-top2", "perplexity-matched-bottom-negative-top2"]
+    assert not any(s.full_blimp for s in condition_sets(cfg.model_copy(update={"blimp_main_per_paradigm": 200})))

@@ -13,12 +13,14 @@ from scipy.special import ndtr, ndtri
 
 from vllm_negablate.discovery.streaming import StreamingW1Estimator
 from vllm_negablate.discovery.wasserstein import (
+    exact_w1_below_columns,
     exact_w1_split_columns,
     exact_w1_to_std_normal,
     exact_w1_to_std_normal_columns,
     standardize_columns,
     std_normal_cdf_antiderivative,
     top_percent_mask,
+    w1_histogram_below,
     w1_histogram_to_std_normal,
     w1_negative_part,
 )
@@ -215,6 +217,53 @@ def test_streaming_matches_exact(name, kernel):
     np.testing.assert_allclose(r["skew"], st.skew(x64), rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(r["kurtosis"], st.kurtosis(x64), rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(r["w1_negative"] + r["w1_positive"], r["w1"], atol=1e-14)
+    # the part at negative raw pre-activations (h < 0) and the share of such tokens
+    z = standardize_columns(x64)
+    exact_h, exact_frac = exact_w1_below_columns(z, -x64.mean(0) / x64.std(0))
+    assert np.abs(r["w1_h_negative"] - exact_h).max() <= 1e-3
+    assert np.abs(r["frac_h_negative"] - (x64 < 0).mean(0)).max() <= 2e-3
+    np.testing.assert_array_equal(exact_frac, (x64 < 0).mean(0))
+
+
+def test_the_part_below_any_split_matches_quadrature():
+    rng = np.random.default_rng(11)
+    samples = [rng.gamma(2.0, 1.0, 60), -rng.gamma(2.0, 1.0, 60) + 0.5, rng.standard_t(3, 60) - 0.4]
+    for x in samples:
+        z = _std(x)
+        for split in (-2.5, -0.7, 0.0, 0.3, 1.9, z.min() - 1, z.max() + 1):
+            below, frac = exact_w1_below_columns(z[:, None], np.array([split]))
+            assert below[0] == pytest.approx(_quad_empirical(z, hi=split), abs=1e-10), split
+            assert frac[0] == (z < split).mean()
+        w, wn = exact_w1_split_columns(z[:, None])
+        assert exact_w1_below_columns(z[:, None], np.array([0.0]))[0][0] == pytest.approx(wn[0], abs=1e-14)
+        assert exact_w1_below_columns(z[:, None], np.array([np.inf]))[0][0] == pytest.approx(w[0], abs=1e-14)
+        assert exact_w1_below_columns(z[:, None], np.array([-np.inf]))[0][0] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_histogram_part_below_any_split_matches_quadrature():
+    rng = np.random.default_rng(12)
+    edges = np.sort(rng.normal(0.2, 1.3, (3, 9)), axis=1)
+    edges[1, 4] = edges[1, 3]  # a point mass
+    counts = rng.integers(0, 5, (3, 8)).astype(np.float64) + np.array([[1.0] * 8, [0.0] * 8, [1.0] * 8])
+    counts[1, 3] = 4.0
+    w, wn = w1_histogram_to_std_normal(edges, counts)
+    for split in (-3.0, -0.6, 0.0, 0.25, 1.4, 5.0):
+        got, mass = w1_histogram_below(edges, counts, np.full(3, split))
+        for i in range(3):
+            e, c = edges[i], counts[i]
+            cdf = np.concatenate([[0.0], np.cumsum(c) / c.sum()])
+
+            def f(x, e=e, cdf=cdf):
+                return np.interp(x, e, cdf, left=0.0, right=1.0) - ndtr(x)
+
+            want = _quad_abs(f, -np.inf, split, points=(*e, 0.0))
+            assert got[i] == pytest.approx(want, abs=1e-9), (i, split)
+            # the mass below: whole pieces, the cut piece's uniform share, an atom below
+            assert mass[i] == pytest.approx(np.interp(split, e, cdf, left=0.0, right=1.0)
+                                            if split not in e else cdf[np.searchsorted(e, split, side="right") - 1],
+                                            abs=1e-12)
+    np.testing.assert_allclose(w1_histogram_below(edges, counts, np.zeros(3))[0], wn, atol=1e-14)
+    np.testing.assert_allclose(w1_histogram_below(edges, counts, np.full(3, np.inf))[0], w, atol=1e-14)
 
 
 def test_out_of_range_is_reported():
@@ -248,6 +297,9 @@ def test_few_tokens_are_exact():
     r = est.finalize()
     exact = exact_w1_to_std_normal_columns(standardize_columns(x))
     np.testing.assert_allclose(r["w1"], exact, atol=1e-12)
+    below, frac = exact_w1_below_columns(standardize_columns(x), -x.mean(0) / x.std(0))
+    np.testing.assert_allclose(r["w1_h_negative"], below, atol=1e-12)
+    np.testing.assert_array_equal(r["frac_h_negative"], (x < 0).mean(0))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -19,7 +19,7 @@ parallelism as the served model, with memory independent of the number of tokens
    (rank ``r`` holds ``[r*w, (r+1)*w)``), finalizes per layer and checks that every
    layer saw exactly the tokens sent,
 5. writes ``stats.npz`` + ``stats.json`` (:func:`save_statistics`) and the neuron sets
-   (``sets/*.json``: the Wasserstein set, its positive mirror and a random control, built
+   (``sets/*.json``: per top p, the Wasserstein set, its positive mirror and a random control, built
    by :mod:`vllm_negablate.discovery.recipes`).
 
 Corpus windows live in :mod:`vllm_negablate.discovery.corpus`, set recipes in
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from vllm_negablate import defaults, set_names, vllm_adapter
+from vllm_negablate import defaults, vllm_adapter
 from vllm_negablate.discovery.collector import (
     ObserverConfig,
     from_wire,
@@ -48,12 +48,13 @@ from vllm_negablate.discovery.collector import (
 )
 from vllm_negablate.discovery.corpus import DEFAULT_CORPUS, corpus_windows
 from vllm_negablate.discovery.errors import DiscoveryError
-from vllm_negablate.discovery.recipes import mode_variant, random_control, wasserstein_set
+from vllm_negablate.discovery.recipes import standard_sets
 from vllm_negablate.discovery.streaming import StreamingW1Estimator
-from vllm_negablate.neuron_set import AblationMode, ModelFingerprint, NeuronSet
+from vllm_negablate.neuron_set import ModelFingerprint, NeuronSet
 from vllm_negablate.paths import sha256_file
 
-STAT_KEYS = ("w1", "w1_negative", "w1_positive", "mean", "std", "skew", "kurtosis", "out_of_range")
+STAT_KEYS = ("w1", "w1_negative", "w1_positive", "w1_h_negative", "frac_h_negative", "mean", "std", "skew",
+             "kurtosis", "out_of_range")
 STATS_FILE, META_FILE, SETS_DIR = "stats.npz", "stats.json", "sets"
 
 __all__ = [
@@ -166,7 +167,7 @@ def find_neurons(
     *,
     window_tokens: int = defaults.WINDOW_TOKENS,
     max_tokens: int | None = 131_072,
-    top_percent: float = 1.0,
+    top_percent: float | Sequence[float] = 1.0,
     seed: int = 0,
     include_wasserstein: bool = False,
     out_dir: str | Path | None = None,
@@ -191,6 +192,9 @@ def find_neurons(
 
     if collect not in ("scores", "state"):
         raise ValueError("collect must be 'scores' or 'state'")
+    percents = [float(top_percent)] if isinstance(top_percent, (int, float)) else [float(p) for p in top_percent]
+    if not percents or any(not 0.0 < p <= 100.0 for p in percents):
+        raise ValueError(f"top_percent must be in (0, 100], got {top_percent!r}")
     corpus_path = Path(corpus_path)
     max_len = vllm_adapter.engine_max_model_len(llm)
     if window_tokens >= max_len:
@@ -255,7 +259,8 @@ def find_neurons(
         "start_token_id": start_id,
         "estimator": estimator_settings,
         "collect": collect,
-        "top_percent": float(top_percent),
+        "top_percent": percents[0],  # the main p (the first asked for)
+        "top_percents": list(percents),
         "seed": int(seed),
         "vllm_version": vllm.__version__,
         "negablate_version": _negablate_version(),
@@ -276,13 +281,8 @@ def find_neurons(
     source = {"corpus": metadata["corpus"], "corpus_sha256": metadata["corpus_sha256"],
               "tokens": int(num_tokens), "window_tokens": int(window_tokens),
               "model_path": model_path, "statistics": STATS_FILE}
-    wset = wasserstein_set(stats["w1"], fingerprint, top_percent, source=source)
-    sets = {
-        wset.name: wset,
-        set_names.wasserstein_top(top_percent, AblationMode.POSITIVE): mode_variant(wset, AblationMode.POSITIVE),
-    }
-    rnd = random_control(wset, seed=seed, include_wasserstein=include_wasserstein)
-    sets[rnd.name] = rnd
+    sets = standard_sets(stats["w1"], fingerprint, percents, seed=seed,
+                         include_wasserstein=include_wasserstein, source=source)
 
     result = DiscoveryResult(stats=stats, metadata=metadata, windows=[list(w) for w in windows],
                              sets=sets, states=states, exact=exact,

@@ -34,6 +34,7 @@ from vllm_negablate.neuron_set import (
 )
 
 __all__ = [
+    "standard_sets",
     "wasserstein_set",
     "random_control",
     "restrict_layers",
@@ -75,6 +76,30 @@ def wasserstein_set(
         provenance=Provenance(method="wasserstein-top", source=src),
         description=f"Top {label}% W1-to-N(0,1) neurons per layer, {mode.value} ablation.",
     )
+
+
+def standard_sets(
+    scores: np.ndarray,
+    fingerprint: ModelFingerprint,
+    percents: Sequence[float],
+    *,
+    seed: int = 0,
+    include_wasserstein: bool = False,
+    source: Mapping[str, Any] | None = None,
+) -> dict[str, NeuronSet]:
+    """What discovery writes for each top ``p``: the Wasserstein set, its positive mirror
+    and a seeded random control of the same per-layer counts, keyed by name.
+
+    One discovery serves a whole top-p sweep: the scores do not depend on ``p``, so the
+    sets of every ``p`` come from the same statistics (``--top 1,2,5``).
+    """
+    sets: dict[str, NeuronSet] = {}
+    for percent in dict.fromkeys(float(p) for p in percents):  # in order, once each
+        wset = wasserstein_set(scores, fingerprint, percent, source=source)
+        for ns in (wset, mode_variant(wset, AblationMode.POSITIVE),
+                   random_control(wset, seed=seed, include_wasserstein=include_wasserstein)):
+            sets[ns.name] = ns
+    return sets
 
 
 def _neurons_of(ns: NeuronSet) -> dict[int, np.ndarray]:

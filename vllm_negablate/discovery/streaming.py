@@ -23,7 +23,9 @@ import torch
 from vllm_negablate import defaults
 from vllm_negablate.discovery import cpu_kernels
 from vllm_negablate.discovery.wasserstein import (
+    exact_w1_below_columns,
     exact_w1_split_columns,
+    w1_histogram_below,
     w1_histogram_to_std_normal,
 )
 
@@ -665,8 +667,10 @@ class StreamingW1Estimator:
     @torch.no_grad()
     def finalize(self, neuron_chunk: int = 128) -> dict[str, np.ndarray]:
         """Per-neuron ``count, mean, std, skew, kurtosis`` (excess, population), ``w1``,
-        ``w1_negative`` (``z < 0`` part), ``w1_positive`` and ``out_of_range`` (fraction of
-        tokens outside the grid). Does not change the state. Constant neurons give NaN."""
+        ``w1_negative`` (``z < 0`` part), ``w1_positive``, ``w1_h_negative`` (the part at
+        negative raw pre-activations, ``h < 0``: what the paper's ablation zeroes),
+        ``frac_h_negative`` (share of tokens with ``h < 0``) and ``out_of_range`` (fraction
+        of tokens outside the grid). Does not change the state. Constant neurons give NaN."""
         if self.count == 0:
             raise ValueError("no tokens seen")
         n = self.count
@@ -680,7 +684,9 @@ class StreamingW1Estimator:
         k = self.num_neurons
         if not self.has_grid:  # everything is still in the buffer: exact
             buf = torch.cat(self._buffer, dim=0).to(torch.float64).cpu().numpy()
-            w1, w1n = exact_w1_split_columns((buf - mean) / safe_std)
+            z = (buf - mean) / safe_std
+            w1, w1n = exact_w1_split_columns(z)
+            w1h, frac_h = exact_w1_below_columns(z, -mean / safe_std)
             oor = np.zeros(k)
         else:
             hist = self.hist
@@ -691,13 +697,13 @@ class StreamingW1Estimator:
                 hist, self.hist = self.hist, saved
             counts = hist.cpu().numpy()
             edges = self.raw_edges()
-            w1 = np.empty(k)
-            w1n = np.empty(k)
+            w1, w1n, w1h, frac_h = (np.empty(k) for _ in range(4))
             for s0 in range(0, k, neuron_chunk):
                 sl = slice(s0, min(k, s0 + neuron_chunk))
                 e, m = self._chunk_distribution(sl, counts[sl], edges[sl])
                 z = (e - mean[sl, None]) / safe_std[sl, None]
                 w1[sl], w1n[sl] = w1_histogram_to_std_normal(z, m)
+                w1h[sl], frac_h[sl] = w1_histogram_below(z, m, -mean[sl] / safe_std[sl], w1_negative=w1n[sl])
             oor = (counts[:, 0] + counts[:, -1]) / n
         return dict(
             count=np.full(k, n, dtype=np.int64),
@@ -708,5 +714,7 @@ class StreamingW1Estimator:
             w1=w1,
             w1_negative=w1n,
             w1_positive=w1 - w1n,
+            w1_h_negative=w1h,
+            frac_h_negative=frac_h,
             out_of_range=oor,
         )

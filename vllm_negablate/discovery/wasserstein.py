@@ -23,6 +23,10 @@ Definitions (see ``docs/science.md``, "Wasserstein neurons"):
   The two infinite tails have closed forms too (``G(z_min)`` and ``G(-z_max)``).
 * ``w1_negative`` is the part of the same integral over the negative half of the
   *standardized* axis (``z < 0``); ``w1 = w1_negative + w1_positive`` exactly.
+* ``w1_below(s)`` is the part over ``z < s`` for any split ``s`` per neuron; at
+  ``s = -mean/std`` it is the part at negative *raw* pre-activations (``h < 0``), the
+  side the paper's ablation zeroes (:func:`exact_w1_below_columns`,
+  :func:`w1_histogram_below`).
 
 Numerics: every piece on the positive half-axis is mirrored onto the negative one
 (``x -> -x``, ``F -> 1 - F``), so ``Phi`` and ``G`` are only ever evaluated where they are
@@ -49,6 +53,8 @@ __all__ = [
     "w1_negative_part",
     "w1_negative_part_columns",
     "w1_histogram_to_std_normal",
+    "exact_w1_below_columns",
+    "w1_histogram_below",
     "top_percent_mask",
 ]
 
@@ -297,6 +303,112 @@ def w1_histogram_to_std_normal(
 
     bad = ~np.isfinite(edges).all(axis=1) | ~(total[:, 0] > 0)
     return np.where(bad, np.nan, neg + pos), np.where(bad, np.nan, neg)
+
+
+# --------------------------------------------------------------------------------------
+# The part of W1 below a split point (e.g. h < 0: z < -mean/std)
+# --------------------------------------------------------------------------------------
+
+
+def _tails_between(e0: np.ndarray, e1: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The two tails' part on ``[u, v]`` (``u <= v``): ``Phi`` where ``x < e0`` plus
+    ``1 - Phi`` where ``x > e1``; ``u = -inf`` and ``v = +inf`` allowed."""
+    lo_t, hi_t = np.minimum(e0, -40.0), np.maximum(e1, 40.0)  # Phi(-40) is 0 in float64
+    u, v = np.clip(u, lo_t, hi_t), np.clip(v, lo_t, hi_t)
+    left = _G(np.minimum(v, e0)) - _G(np.minimum(u, e0))
+    right = _G(-np.maximum(u, e1)) - _G(-np.maximum(v, e1))  # integral_x^inf (1 - Phi) = G(-x)
+    return left + right
+
+
+def exact_w1_below_columns(z: np.ndarray, split: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``z [N, K]``: the part of the exact W1 integral over ``x < split[k]``
+    and the fraction of the sample below ``split[k]``.
+
+    With ``split = -mean/std`` these are the W1 part at negative raw pre-activations and
+    the share of tokens with ``h < 0``. ``split = 0`` gives ``w1_negative``; ``+inf`` the
+    whole W1. Pieces below 0 are integrated as in :func:`exact_w1_split_columns`; those in
+    ``[0, split)`` mirrored the same way. Columns with NaN give NaN.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim == 1:
+        z = z[:, None]
+    n, k = z.shape
+    split = np.broadcast_to(np.asarray(split, dtype=np.float64), (k,))
+    zs = np.sort(z, axis=0)
+    bad = np.isnan(zs).any(axis=0) | np.isnan(split)
+    zs = np.where(bad, 0.0, zs)
+    s = np.where(bad, 0.0, split)
+    fin = np.clip(s, zs[0] - 1.0, zs[-1] + 1.0)  # beyond the sample only the tails move
+    out = _tails_between(zs[0], zs[-1], np.full(k, -np.inf), s)
+    if n > 1:
+        c = (np.arange(1, n, dtype=np.float64) / n)[:, None]
+        cbar = 1.0 - c
+        a, b = zs[:-1], zs[1:]
+        bn = np.minimum(b, np.minimum(fin, 0.0))
+        out = out + np.where(a < bn, _int_abs_const(c, a, bn), 0.0).sum(axis=0)
+        # [0, split): mirrored, x -> -x, F -> 1 - F
+        ap, bp = -np.minimum(b, fin), -np.maximum(a, 0.0)
+        out = out + np.where(ap < bp, _int_abs_const(cbar, ap, bp), 0.0).sum(axis=0)
+    frac = (z < split).mean(axis=0)
+    return np.where(bad, np.nan, out), np.where(bad, np.nan, frac)
+
+
+def w1_histogram_below(edges: np.ndarray, counts: np.ndarray, split: np.ndarray,
+                       w1_negative: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the part of :func:`w1_histogram_to_std_normal`'s integral over
+    ``x < split[k]`` and the mass below ``split[k]`` (the distribution's CDF there).
+
+    Computed as ``w1_negative`` (pass it when known) plus the part on ``[0, split)``, or
+    minus the part on ``[split, 0)``: only the pieces between 0 and the split are
+    integrated again. A piece that straddles a bound is cut there (its density is
+    uniform, so the cut is exact).
+    """
+    edges = np.asarray(edges, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    if edges.ndim == 1:
+        edges, counts = edges[None], counts[None]
+    k, m = counts.shape
+    split = np.broadcast_to(np.asarray(split, dtype=np.float64), (k,))
+    if w1_negative is None:
+        w1_negative = w1_histogram_to_std_normal(edges, counts)[1]
+    total = counts.sum(axis=1, keepdims=True)
+    cum = np.concatenate([np.zeros((k, 1)), np.cumsum(counts, axis=1)], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f_edge = cum / total
+        s_edge = (total - cum) / total
+        width = np.diff(edges, axis=1)
+        rho = np.where(width > 0, (counts / total) / width, 0.0)
+    bad = ~np.isfinite(edges).all(axis=1) | ~(total[:, 0] > 0) | np.isnan(split)
+    edges = np.where(bad[:, None], 0.0, edges)
+    f_edge, s_edge, rho = (np.where(bad[:, None], 0.0, x) for x in (f_edge, s_edge, rho))
+    s = np.where(bad, 0.0, split)
+    lo, hi = edges[:, :-1], edges[:, 1:]
+    sc = np.clip(s, edges[:, 0] - 1.0, edges[:, -1] + 1.0)[:, None]  # beyond: only tails move
+    row = np.broadcast_to(np.arange(k)[:, None], (k, m))
+    pos_side = s >= 0
+    # [0, split) for split >= 0: mirrored (x -> -x, F -> 1 - F); 1 - F at the cut end
+    # min(hi, split) is s_edge[hi] + rho (hi - cut)
+    cut = np.minimum(hi, sc)
+    ap, bp = -cut, -np.maximum(lo, 0.0)
+    sel = (ap < bp) & pos_side[:, None]
+    vals = _int_abs_linear_neg(ap[sel], bp[sel], (s_edge[:, 1:] + rho * (hi - cut))[sel], rho[sel])
+    add = np.bincount(row[sel], weights=vals, minlength=k)
+    # [split, 0) for split < 0: as w1_negative's pieces, F at the cut start max(lo, split)
+    start = np.maximum(lo, sc)
+    bn = np.minimum(hi, 0.0)
+    sel = (start < bn) & ~pos_side[:, None]
+    vals = _int_abs_linear_neg(start[sel], bn[sel], (f_edge[:, :-1] + rho * (start - lo))[sel], rho[sel])
+    sub = np.bincount(row[sel], weights=vals, minlength=k)
+    e0, e1 = edges[:, 0], edges[:, -1]
+    tails = _tails_between(e0, e1, np.minimum(s, 0.0), np.maximum(s, 0.0))
+    out = np.where(pos_side, w1_negative + add + tails, w1_negative - sub - tails)
+
+    # mass below the split: whole bins below it, plus the cut bin's share
+    inside = np.clip(np.minimum(hi, sc) - lo, 0.0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(width > 0, np.minimum(inside / width, 1.0), (hi <= sc).astype(np.float64))
+    mass = (counts * share).sum(axis=1) / total[:, 0]
+    return np.where(bad, np.nan, out), np.where(bad, np.nan, mass)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,52 @@
+"""What reproduce asks of its later phases (lm_eval tasks, the layer analysis), without engines:
+the phases' own end-to-end tests are tests/e2e/test_lm_tasks.py and test_layer_analysis.py."""
+
+from __future__ import annotations
+
+import json
+
+import eval.analysis.layers as layers
+import eval.analysis.lm_tasks as lm_tasks
+from eval.reproduce import ReproduceConfig, run_layers_phase, run_lm_tasks_phase
+from eval.reproduce_config import default_ks, lm_task_sets
+
+
+def test_lm_tasks_run_for_the_baseline_the_wasserstein_set_and_both_matched_controls(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(lm_tasks, "run_lm_tasks", lambda cfg, server_factory=None: seen.append(cfg))
+    cfg = ReproduceConfig(out=tmp_path, top=[2, 1], lm_tasks=["piqa_local", "arc_easy_local"], lm_tasks_limit=50)
+    run_lm_tasks_phase(cfg, tmp_path / "model", tmp_path / "disc", tmp_path / "logs")
+    (got,) = seen
+    assert got.sets == lm_task_sets(cfg) == ["wasserstein-top2", "perplexity-matched-top2-s0",
+                                             "perplexity-matched-bottom-top2"]
+    assert [c.label for c in got.conditions()] == ["baseline", *got.sets]
+    assert got.tasks == ["piqa_local", "arc_easy_local"] and got.limit == 50
+    assert got.out == tmp_path / "lm_tasks" and got.tokenizer == str(tmp_path / "model")
+    seen.clear()
+    run_lm_tasks_phase(cfg.model_copy(update={"lm_tasks": []}), tmp_path, tmp_path, tmp_path)
+    assert not seen
+
+
+def test_layer_analysis_of_the_main_set(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(layers, "run_layers", lambda cfg: seen.append(cfg))
+    disc = tmp_path / "disc"
+    disc.mkdir()
+    (disc / "stats.json").write_text(json.dumps({"model": {"num_layers": 30}}))
+    cfg = ReproduceConfig(out=tmp_path, top=[2, 1], layers_blimp_per_paradigm=40, ppl_window=1024)
+    run_layers_phase(cfg, tmp_path / "model", disc, tmp_path / "data")
+    (got,) = seen
+    assert got.base_set == "wasserstein-top2" and got.out == tmp_path / "layers"
+    assert got.ks == [1, 2, 4, 8, 16, 30] and got.layers is None  # every layer alone
+    assert got.settings.blimp_per_paradigm == 40 and got.settings.window == 1024
+    assert got.settings.ppl_text == "raw" and got.max_model_len == 1025
+    seen.clear()
+    run_layers_phase(cfg.model_copy(update={"layers_blimp_per_paradigm": 0}), tmp_path, disc, tmp_path)
+    assert not seen
+
+
+def test_default_depths():
+    assert default_ks(1) == [1]
+    assert default_ks(2) == [1, 2]
+    assert default_ks(18) == [1, 2, 4, 8, 16, 18]
+    assert default_ks(16) == [1, 2, 4, 8, 16]
