@@ -48,8 +48,6 @@ def _pair_cells(runs: Path, label: str, task: str, n_boot: int, seed: int,
 
 def _ppl_cells(runs: Path, label: str) -> dict[str, Any]:
     path = runs / label / "perplexity"
-    if not (path / "summary.json").is_file():
-        return {}
     ppl, base = load_summary(path), load_summary(runs / BASELINE / "perplexity")
     return {"ppl": ppl.ppl, "ppl_ratio": ppl.ppl / base.ppl, "ppl_tokens": ppl.n_tokens}
 
@@ -80,31 +78,44 @@ def collect(out: Path, disc: Path, specs: list[ConditionSpec], n_boot: int, seed
     ``sweep``: every non-baseline condition at every p from ``runs/`` (same pairs for all).
     """
     runs, full = out / "runs", out / "runs-full"
-    rows, sweep, phenomena = [], [], {}
+    rows, sweep, phenomena, pending = [], [], {}, []
     for spec in specs:
         count, modes = _neuron_count(disc, spec.set_name)
         head = {"condition": spec.label, "kind": spec.kind, "top": spec.top, "set": spec.set_name,
                 "description": spec.description, "neurons": count, "mode": modes}
-        sub = dict(head)
-        blimp_sub, cmp_sub = _pair_cells(runs, spec.label, "blimp", n_boot, seed, ("phenomenon",))
-        sub |= blimp_sub
-        if (runs / spec.label / "tse" / "summary.json").is_file():
+        sub, cmp = dict(head), []
+        if _done(runs, spec.label, "blimp"):
+            blimp_sub, cmp = _pair_cells(runs, spec.label, "blimp", n_boot, seed, ("phenomenon",))
+            sub |= blimp_sub
+        if _done(runs, spec.label, "tse"):
             sub |= _pair_cells(runs, spec.label, "tse", n_boot, seed)[0]
-        sub |= _ppl_cells(runs, spec.label)
-        if spec.label != BASELINE:
+        if _done(runs, spec.label, "perplexity"):
+            sub |= _ppl_cells(runs, spec.label)
+        if spec.label != BASELINE and "blimp_acc" in sub:
             sweep.append(sub)
         if not spec.main:
+            if "blimp_acc" not in sub:
+                pending.append(spec.label)
             continue
         row = dict(sub)
-        cmp = cmp_sub
-        if spec.full_blimp and (full / spec.label / "blimp" / "summary.json").is_file():
+        if spec.full_blimp and _done(full, spec.label, "blimp"):
             blimp_full, cmp = _pair_cells(full, spec.label, "blimp", n_boot, seed, ("phenomenon",))
             row |= blimp_full
+        if "blimp_acc" not in row:
+            pending.append(spec.label)
+            continue
         if spec.label != BASELINE:
             phenomena[spec.label] = {r.group: [r.delta, r.ci_lo, r.ci_hi] for r in cmp if r.level == "phenomenon"}
         rows.append(row)
-    tse_fields = tse_by_field(runs, specs, n_boot, seed) if (runs / BASELINE / "tse" / "summary.json").is_file() else []
-    return {"rows": rows, "sweep": sweep, "phenomena": phenomena, "tse_by_field": tse_fields}
+    tse_fields = tse_by_field(runs, specs, n_boot, seed) if _done(runs, BASELINE, "tse") else []
+    return {"rows": rows, "sweep": sweep, "phenomena": phenomena, "tse_by_field": tse_fields,
+            "pending": pending}
+
+
+def _done(runs: Path, label: str, task: str) -> bool:
+    """Whether both the condition and the baseline have a finished ``task`` run in ``runs``
+    (a report written mid-run shows what is finished and lists the rest as pending)."""
+    return all((runs / name / task / "summary.json").is_file() for name in (label, BASELINE))
 
 
 PREMISE_COLUMNS = ("layer", "group", "neurons", "w1", "share_h_negative", "share_z_negative", "frac_h_negative")
@@ -410,8 +421,10 @@ def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Pa
     for r in data["rows"]:
         ppl, ratio = _ppl(r)
         lines.append(
-            f"| {r['condition']} | {r['neurons']} | {r['blimp_n']:,} | {_acc(r, 'blimp')} | {_cells(r, 'blimp')} | "
+            f"| {r['condition']} | {r['neurons']} | {r.get('blimp_n', 0):,} | {_acc(r, 'blimp')} | {_cells(r, 'blimp')} | "
             f"{_acc(r, 'tse')} | {_cells(r, 'tse')} | {ppl} | {ratio} |")
+    if data["pending"]:
+        lines += ["", f"**Not finished yet** (rerun the command to resume): {', '.join(data['pending'])}."]
     lines += _matched_note(disc, specs)
     if len(cfg.top) > 1:
         lines += ["", "## Top-p sweep", "",
@@ -470,10 +483,22 @@ def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Pa
     return path
 
 
-if __name__ == "__main__":
+def rebuild(folder: Path) -> Path:
+    """Write the report of a reproduce folder from its files, finished or not (``python -m
+    eval.report docs/results/smollm2-135m``): what is scored so far, the rest listed as pending."""
     from eval.reproduce_config import ReproduceConfig, condition_sets
+    from vllm_negablate.models.fetch import fetched_path
 
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "report")
     config = ReproduceConfig.model_validate_json((folder / "config.json").read_text()).model_copy(
         update={"out": folder})
-    print(write_report(config, folder / "discovery", condition_sets(config), Path(config.model)))
+    model_dir = Path(config.model).expanduser()
+    if not model_dir.is_dir():
+        try:
+            model_dir = fetched_path(config.model) or model_dir
+        except KeyError:  # neither a folder nor an embedded name (UnknownModelError; a folder since removed)
+            pass
+    return write_report(config, folder / "discovery", condition_sets(config), model_dir)
+
+
+if __name__ == "__main__":
+    print(rebuild(Path(sys.argv[1] if len(sys.argv) > 1 else "report")))

@@ -313,7 +313,10 @@ def test_baseline_and_full_set_match_transformers(layers, oracle):
     cfg, result, _ = layers
     tok = LocalTokenizer(cfg.model)
     full = NeuronSet.load(cfg.out / "sets" / "wasserstein-top5.json")
-    tokens = tok.encode_batch([load_wikitext_text(default_data_dir() / "wikitext-2" / "test.txt")])[0]
+    from eval.analysis.sweep import ppl_text_path
+
+    assert ppl_text_path(SETTINGS).name == "wiki.test.raw"  # the reference's raw test text
+    tokens = tok.encode_batch([load_wikitext_text(ppl_text_path(SETTINGS))])[0]
     wins = [w for _, w in make_windows(tokens, SETTINGS.window, tok.start_token_id)[: SETTINGS.ppl_windows]]
     worst = {}
     for label, ns, row in (("baseline", None, result.baseline), ("full", full, result.full)):

@@ -161,3 +161,25 @@ def test_premise_statistics_come_from_the_discovery_statistics(run):
         assert 0.0 < r["share_h_negative"] < 1.0 and 0.0 < r["frac_h_negative"] < 1.0
     assert rows[("0", "wasserstein")]["neurons"] == int(top[0].sum())
     assert (cfg.out / "premise.csv").is_file() and "## The premise" in (cfg.out / "REPORT.md").read_text()
+
+
+def test_a_report_mid_run_shows_what_is_finished(run, tmp_path):
+    import shutil
+
+    from eval.report import rebuild
+
+    cfg, _, _ = run
+    folder = tmp_path / "partial"
+    shutil.copytree(cfg.out, folder, ignore=shutil.ignore_patterns("cache", "logs"))
+    shutil.rmtree(folder / "runs" / "random-negative-top20")  # not scored yet
+    shutil.rmtree(folder / "runs-full" / "random-negative-top10")  # its full BLiMP neither
+    config = json.loads((folder / "config.json").read_text())
+    rebuild(folder)
+    report = json.loads((folder / "report.json").read_text())
+    assert report["pending"] == ["random-negative-top20"]
+    assert "random-negative-top20" not in [r["condition"] for r in report["sweep"]]
+    rows = {r["condition"]: r for r in report["rows"]}
+    assert rows["random-negative-top10"]["blimp_n"] == 67  # the sweep's pairs until the full run is in
+    assert rows["wasserstein-negative-top10"]["blimp_n"] == 134
+    assert "Not finished yet" in (folder / "REPORT.md").read_text()
+    assert json.loads((folder / "config.json").read_text()) == config
