@@ -19,8 +19,12 @@ when they exist, so an interrupted run resumes where it stopped):
 6. **evaluate** over HTTP with the eval harness (cached, so a rerun recomputes
    nothing): the main p's main conditions on ``blimp_main_per_paradigm`` BLiMP pairs
    (``runs-full/``), then every condition on ``blimp_per_paradigm`` BLiMP pairs, TSE
-   and raw WikiText-2 *test* perplexity in 2,048-token windows (``runs/``).
-7. **report**: Markdown + JSON + CSV + PNG (:mod:`eval.report`).
+   and raw WikiText-2 *test* perplexity in 2,048-token windows (``runs/``); the report
+   is written as soon as these are in.
+7. **lm_eval tasks**: the non-grammatical tasks for the baseline, Wasserstein-negative
+   and both matched controls at the main p (``lm_tasks/``).
+8. **depth**: the layer analysis of the main set (``layers/``).
+9. **report**: Markdown + JSON + CSV + PNG (:mod:`eval.report`), now with phases 7-8.
 
 Discovery and evaluation use different WikiText splits (valid vs test).
 Steps 3-4 start their own offline engines (vLLM cannot share one with the
@@ -214,7 +218,7 @@ def evaluation_plan(cfg: ReproduceConfig, disc: Path, data_dir: Path
 
 
 def run_lm_tasks_phase(cfg: ReproduceConfig, model_dir: Path, disc: Path, logs: Path) -> None:
-    """lm_eval's non-grammatical tasks for the baseline and :func:`lm_task_sets` (phase 8;
+    """lm_eval's non-grammatical tasks for the baseline and :func:`lm_task_sets` (phase 7;
     ``OUT/lm_tasks``); a server is started only if a condition has no results yet."""
     if not cfg.lm_tasks:
         return
@@ -236,7 +240,7 @@ def run_lm_tasks_phase(cfg: ReproduceConfig, model_dir: Path, disc: Path, logs: 
 
 
 def run_layers_phase(cfg: ReproduceConfig, model_dir: Path, disc: Path, data_dir: Path) -> None:
-    """The layer analysis of the main p's Wasserstein-negative set (phase 9; ``OUT/layers``)."""
+    """The layer analysis of the main p's Wasserstein-negative set (phase 8; ``OUT/layers``)."""
     if cfg.layers_blimp_per_paradigm <= 0:
         return
     from eval.analysis.layers import LayersConfig, run_layers
@@ -295,10 +299,12 @@ def reproduce(cfg: ReproduceConfig) -> Path:
                                     cache=out / "cache" / "scores.sqlite", served_name="model",
                                     start_token=recorded_start_token(model_dir),
                                     title=f"reproduce: {runs.name}")
-    run_lm_tasks_phase(cfg, model_dir, disc, logs)
-    run_layers_phase(cfg, model_dir, disc, data_dir)
     from eval.report import write_report
 
+    if cfg.lm_tasks or cfg.layers_blimp_per_paradigm > 0:  # the main results first: phases 7-8 take hours
+        console.print(f"[green]report so far:[/green] {write_report(cfg, disc, specs, model_dir)}")
+    run_lm_tasks_phase(cfg, model_dir, disc, logs)
+    run_layers_phase(cfg, model_dir, disc, data_dir)
     path = write_report(cfg, disc, specs, model_dir, elapsed_s=_add_elapsed(out, time.monotonic() - t0))
     console.print(f"[green]report:[/green] {path}")
     return path
