@@ -18,6 +18,7 @@ from server.launcher import ensure_worker_slots
 from server.registry import DEFAULT_WAIT_TIMEOUT, SetRegistry
 from server.routes import router
 from vllm_negablate import defaults, vllm_adapter
+from vllm_negablate.executors import ExecutorUnavailableError, require_executor_backend
 from vllm_negablate.neuron_set import NO_ABLATION
 from vllm_negablate.settings import get_settings
 
@@ -106,6 +107,10 @@ def parse_args(argv: list[str]):
         raise SystemExit("--max-sets must be >= 1 and --set-wait-timeout > 0")
     if (args.api_server_count or 1) > 1 or args.headless:
         raise SystemExit("negablate serve runs one API server process (no --api-server-count/--headless)")
+    try:
+        require_executor_backend(getattr(args, "distributed_executor_backend", None))
+    except ExecutorUnavailableError as e:
+        raise SystemExit(f"negablate serve: {e}") from None
     vllm_adapter.validate_openai_server_args(args)
     return args
 
