@@ -30,5 +30,5 @@ def require_executor_backend(backend: str | None) -> None:
     if importlib.util.find_spec(module) is None:
         raise ExecutorUnavailableError(
             f"--distributed-executor-backend {backend} needs the {module!r} package, which is not "
-            f"installed: pip install 'vllm-negablate[{extra}]' (or pip install 'ray[cgraph]>=2.48'), "
+            f"installed: pip install 'vllm-negablate[{extra}]' (or pip install 'ray>=2.48'), "
             f"then start a Ray cluster (ray start --head) or let vLLM start a local one")
