@@ -46,6 +46,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from vllm_negablate import set_names
+from vllm_negablate.cli_neurons import parse_percents
 from vllm_negablate.models import recorded_start_token
 from vllm_negablate.models.registry import UnknownModelError, get_spec
 from vllm_negablate.neuron_set import NeuronSet
@@ -310,17 +311,6 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     return path
 
 
-def _percents(text: str) -> list[float]:
-    try:
-        values = [float(x.strip().rstrip("%")) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"--top takes percents separated by commas (1,2,5), got {text!r}") from None
-    bad = [v for v in values if not 0.0 < v <= 100.0]
-    if not values or bad:
-        raise typer.BadParameter(f"--top percents must be in (0, 100], got {text!r}")
-    return values
-
-
 def reproduce_command(
     model: str = typer.Option(_R.model, help="Embedded model name (smollm2-135m, gemma-3-270m; fetched once) or an HF model dir."),
     out: Path | None = typer.Option(None, help="Output folder: report, runs, logs (rerun to resume). Default: docs/results/<model>."),
@@ -362,7 +352,7 @@ def reproduce_command(
     try:
         dtype = check_dtype_runnable(dtype)  # before any engine starts
         cfg = ReproduceConfig(
-            model=model, out=out, dtype=dtype, top=_percents(top), discovery_tokens=discovery_tokens,
+            model=model, out=out, dtype=dtype, top=parse_percents(top), discovery_tokens=discovery_tokens,
             discovery_text=discovery_text, blimp_per_paradigm=blimp_per_paradigm,
             blimp_main_per_paradigm=blimp_main_per_paradigm, tse_per_test=tse_per_test,
             ppl_windows=ppl_windows, ppl_window=ppl_window, window=window, seed=seed,

@@ -38,7 +38,10 @@ console = Console()
 
 def parse_percent(text: str | float) -> float:
     """'1%', '1', '0.5%' -> percent of neurons per layer."""
-    value = float(str(text).strip().rstrip("%"))
+    try:
+        value = float(str(text).strip().rstrip("%"))
+    except ValueError:
+        raise typer.BadParameter(f"--top takes percents separated by commas (1,2,5), got {text!r}") from None
     if not 0.0 < value <= 100.0:
         raise typer.BadParameter(f"--top must be in (0, 100]%, got {text!r}")
     return value
