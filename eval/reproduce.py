@@ -223,17 +223,11 @@ def run_lm_tasks_phase(cfg: ReproduceConfig, model_dir: Path, disc: Path, logs: 
     ``OUT/lm_tasks``); a server is started only if a condition has no results yet."""
     if not cfg.lm_tasks:
         return
-    from eval.analysis.lm_tasks import LmTasksConfig, run_lm_tasks
-    from server.launcher import ENV_WORKER_SLOTS, ServerProcess, worker_slots
+    from eval.analysis.lm_tasks import LmTasksConfig, run_lm_tasks, server_factory
 
-    def start_server():
-        srv = ServerProcess(model_dir, "--neuron-sets", str(disc / "sets"), "--max-sets", "8",
-                            log_path=logs / "server-lm-tasks.log", served_name="model", dtype=cfg.dtype,
-                            kv_cache_bytes=cfg.kv_cache_mb * 2**20, max_model_len=2049,
-                            env={ENV_WORKER_SLOTS: str(worker_slots(8))})
-        console.print("starting the server for lm_eval's tasks ...")
-        return srv.start(timeout=900)
-
+    start_server = server_factory(model_dir, disc / "sets", logs / "server-lm-tasks.log", served_name="model",
+                                  dtype=cfg.dtype, kv_cache_mb=cfg.kv_cache_mb, max_model_len=2049, max_sets=8,
+                                  cpu_bind_all_cores=cfg.cpu_bind_all_cores)
     run_lm_tasks(LmTasksConfig(model="model", tokenizer=str(model_dir), sets=lm_task_sets(cfg),
                                tasks=cfg.lm_tasks, limit=cfg.lm_tasks_limit, out=cfg.out_dir() / "lm_tasks",
                                data_dir=cfg.data_dir, max_length=2048),

@@ -602,6 +602,29 @@ def run_lm_tasks(cfg: LmTasksConfig, api_key: str | None = None,
     return result
 
 
+def server_factory(model_dir: Path, sets_dir: Path | None, log_path: Path, *, served_name: str,
+                   dtype: str, kv_cache_mb: int, max_model_len: int | None, max_sets: int,
+                   cpu_bind_all_cores: bool = True) -> Callable[[], Any]:
+    """A ``server_factory`` for :func:`run_all`: starts ``negablate serve`` on ``model_dir``
+    with the sets of ``sets_dir`` only when some condition is still pending."""
+    def start() -> Any:
+        from server.launcher import ENV_WORKER_SLOTS, ServerProcess, worker_slots
+        from vllm_negablate.offline import bind_worker_to_all_cores
+
+        if cpu_bind_all_cores:
+            bind_worker_to_all_cores()
+        extra = ["--max-sets", str(max_sets)]
+        if sets_dir is not None:
+            extra += ["--neuron-sets", str(sets_dir)]
+        srv = ServerProcess(model_dir, *extra, log_path=log_path, served_name=served_name, dtype=dtype,
+                            kv_cache_bytes=kv_cache_mb * 2**20, max_model_len=max_model_len,
+                            env={ENV_WORKER_SLOTS: str(worker_slots(max_sets))})
+        console.print(f"starting the server on {model_dir} (log: {log_path}) ...")
+        return srv.start(timeout=900)
+
+    return start
+
+
 def _split_list(values: Sequence[str] | None) -> list[str]:
     return [v.strip() for x in values or [] for v in x.split(",") if v.strip()]
 
@@ -718,22 +741,10 @@ def register(app: typer.Typer) -> None:
             offline=offline, rerun=rerun)
         factory = None
         if model_dir is not None:
-            def factory():
-                from server.launcher import ENV_WORKER_SLOTS, ServerProcess, worker_slots
-                from vllm_negablate.offline import bind_worker_to_all_cores
-
-                if cpu_bind_all_cores:
-                    bind_worker_to_all_cores()
-                logs = out / "logs"
-                max_sets = max(8, len(set_names) + 1)
-                extra = ["--max-sets", str(max_sets)]
-                if sets_dir is not None:
-                    extra += ["--neuron-sets", str(sets_dir)]
-                srv = ServerProcess(model_dir, *extra, log_path=logs / "server.log", served_name=base,
-                                    dtype=dtype, kv_cache_bytes=kv_cache_mb * 2**20, max_model_len=max_model_len,
-                                    env={ENV_WORKER_SLOTS: str(worker_slots(max_sets))})
-                console.print(f"starting the server on {model_dir} (log: {logs / 'server.log'}) ...")
-                return srv.start(timeout=900)
+            factory = server_factory(model_dir, sets_dir, out / "logs" / "server.log", served_name=base,
+                                     dtype=dtype, kv_cache_mb=kv_cache_mb, max_model_len=max_model_len,
+                                     max_sets=max(8, len(set_names) + 1),
+                                     cpu_bind_all_cores=cpu_bind_all_cores)
         try:
             result = run_lm_tasks(cfg, api_key=api_key, server_factory=factory)
         except (RuntimeError, OSError, ValueError) as e:

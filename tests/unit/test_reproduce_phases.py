@@ -50,3 +50,28 @@ def test_default_depths():
     assert default_ks(2) == [1, 2]
     assert default_ks(18) == [1, 2, 4, 8, 16, 18]
     assert default_ks(16) == [1, 2, 4, 8, 16]
+
+
+def test_the_lm_tasks_server_serves_the_sets_with_enough_worker_slots(tmp_path, monkeypatch):
+    import server.launcher as launcher
+
+    made = []
+
+    class FakeServer:
+        def __init__(self, model_dir, *extra, **kw):
+            made.append((model_dir, extra, kw))
+
+        def start(self, timeout):
+            return ("started", timeout)
+
+    monkeypatch.setattr(launcher, "ServerProcess", FakeServer)
+    monkeypatch.setattr("vllm_negablate.offline.bind_worker_to_all_cores", lambda: made.append("bound"))
+    start = lm_tasks.server_factory(tmp_path / "m", tmp_path / "sets", tmp_path / "s.log", served_name="model",
+                                    dtype="float32", kv_cache_mb=256, max_model_len=2049, max_sets=8)
+    assert not made  # nothing starts until a condition is pending
+    assert start() == ("started", 900)
+    assert made[0] == "bound"
+    model_dir, extra, kw = made[1]
+    assert model_dir == tmp_path / "m" and extra == ("--max-sets", "8", "--neuron-sets", str(tmp_path / "sets"))
+    assert kw["kv_cache_bytes"] == 256 * 2**20 and kw["max_model_len"] == 2049 and kw["dtype"] == "float32"
+    assert int(kw["env"][launcher.ENV_WORKER_SLOTS]) == launcher.worker_slots(8) > 8
