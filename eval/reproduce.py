@@ -55,14 +55,14 @@ from eval.analysis.sweep import Condition, EvalSettings, condition_done, conditi
 from eval.data import default_data_dir, missing_data
 from eval.commands import negablate_command as _negablate
 from eval.commands import run_logged as _run
-from eval.reproduce_config import ConditionSpec, ReproduceConfig, condition_sets, default_ks, lm_task_sets
+from eval.reproduce_config import PRESETS, ConditionSpec, ReproduceConfig, condition_sets, default_ks, lm_task_sets
 from eval.wikitext import discovery_corpus
 
 __all__ = ["PreflightError", "ReproduceConfig", "condition_sets", "preflight", "reproduce",
            "reproduce_command"]
 
 console = Console(stderr=True)
-_R = ReproduceConfig()  # the defaults the command line shows
+_S, _P = ReproduceConfig(), ReproduceConfig(preset="powered")  # the presets the help shows
 
 
 class PreflightError(ValueError):
@@ -71,7 +71,8 @@ class PreflightError(ValueError):
 
 # Settings that do not change what a run computes: where it writes, how it runs, how many
 # bootstrap draws its report takes (recomputed from the records on every run).
-_NOT_RESULT_SETTINGS = frozenset({"out", "kv_cache_mb", "cpu_bind_all_cores", "n_boot", "data_dir"})
+# The preset is not one either: it only fills the settings, which are compared one by one.
+_NOT_RESULT_SETTINGS = frozenset({"out", "kv_cache_mb", "cpu_bind_all_cores", "n_boot", "data_dir", "preset"})
 
 
 def preflight(cfg: ReproduceConfig) -> Path:
@@ -116,10 +117,23 @@ def check_settings(cfg: ReproduceConfig) -> None:
     if added:  # a folder from an older version, which did not record these settings
         changed.append(f"not recorded there: {', '.join(added)}")
     if changed:
+        hint = next((f" (they are the {name} preset's: add --preset {name})" for name in PRESETS
+                     if _same_results(old, json.loads(cfg.model_copy(update=_preset_update(cfg, name))
+                                                       .model_dump_json()))), "")
         raise PreflightError(
             f"{cfg.out_dir()} holds a run made with other settings ({'; '.join(changed)}); resuming "
             f"would mix its discovery, sets and results with this run's. Use a new --out, or "
-            f"the folder's own settings (its config.json) to resume it.")
+            f"the folder's own settings (its config.json){hint} to resume it.")
+
+
+def _same_results(old: dict, new: dict) -> bool:
+    return all(old.get(k) == v for k, v in new.items() if k not in _NOT_RESULT_SETTINGS)
+
+
+def _preset_update(cfg: ReproduceConfig, preset: str) -> dict:
+    """``cfg`` with every preset-filled setting as ``preset`` fills it (the rest kept)."""
+    base = ReproduceConfig(preset=preset)
+    return {k: getattr(base, k) for k in PRESETS["powered"]} | {"preset": preset}
 
 
 def resolve_model(cfg: ReproduceConfig, logs: Path) -> Path:
@@ -305,27 +319,43 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     return path
 
 
+def _both(name: str, show=lambda v: f"{v:,}" if isinstance(v, int) else str(v)) -> str:
+    """The standard and powered presets' value of a setting, for --help."""
+    std, pow_ = getattr(_S, name), getattr(_P, name)
+    if isinstance(std, list):
+        std, pow_ = ",".join(f"{v:g}" if isinstance(v, float) else v for v in std) or "none", \
+            ",".join(f"{v:g}" if isinstance(v, float) else v for v in pow_) or "none"
+        return f" (standard: {std}; powered: {pow_})"
+    return f" (standard: {show(std)}; powered: {show(pow_)})" if std != pow_ else f" (default: {show(std)})"
+
+
+def _opt(name: str, help: str) -> Any:
+    """An option whose default comes from the preset (None: not given)."""
+    return typer.Option(None, help=help + _both(name), show_default=False)
+
+
 def reproduce_command(
-    model: str = typer.Option(_R.model, help="Embedded model name (smollm2-135m, gemma-3-270m; fetched once) or an HF model dir."),
-    out: Path | None = typer.Option(None, help="Output folder: report, runs, logs (rerun to resume). Default: docs/results/<model>."),
-    dtype: str = typer.Option(_R.dtype, help="float32: exact (oracle-equal). bfloat16: 1.4-1.7x faster where the hardware has bf16 units (avx512_bf16, AMX, GPUs); refused on CPUs without them. Its effect on decisions and deltas: README, 'Precision'."),
-    top: str = typer.Option(",".join(f"{p:g}" for p in _R.top), help="Percents of neurons per layer, one Wasserstein set each, from one discovery pass; the first is the main p (Wasserstein-positive, full BLiMP)."),
-    discovery_tokens: int = typer.Option(_R.discovery_tokens, help="WikiText-2 valid tokens observed to score neurons."),
-    discovery_text: str = typer.Option(_R.discovery_text, help="Discovery corpus: unk-removed (the <unk> tokens dropped, the rest as the reference's raw text), detokenized, or tokenized (as is)."),
-    blimp_per_paradigm: int = typer.Option(_R.blimp_per_paradigm, help="BLiMP pairs per paradigm for every condition (67 paradigms of 1,000)."),
-    blimp_main_per_paradigm: int = typer.Option(_R.blimp_main_per_paradigm, help="BLiMP pairs per paradigm for the main p's baseline, Wasserstein-negative, random-negative and bottom-matched conditions (1000: all 67,000)."),
-    tse_per_test: int = typer.Option(_R.tse_per_test, help="TSE pairs per test (22 Marvin & Linzen tests: agreement, reflexives, NPI; 120-2,000 pairs each)."),
-    ppl_windows: int = typer.Option(_R.ppl_windows, help="Raw WikiText-2 test windows for perplexity."),
-    ppl_window: int = typer.Option(_R.ppl_window, help="Tokens per perplexity window (the reference's 2,048)."),
-    window: int = typer.Option(_R.window, help="Tokens per window in discovery and the perplexity-matched search."),
-    match_tokens: int = typer.Option(_R.match_tokens, help="Held-out tokens per perplexity-matching step."),
-    match_max_iter: int = typer.Option(_R.match_max_iter, help="Most bisection steps of the perplexity-matched search."),
-    lm_tasks: str = typer.Option(",".join(_R.lm_tasks), help="lm_eval tasks for the baseline, Wasserstein-negative and both matched controls at the main p (offline copies; '' skips them)."),
-    lm_tasks_limit: int = typer.Option(_R.lm_tasks_limit or 0, help="First N documents of each lm_eval task (0: all)."),
-    layers_blimp_per_paradigm: int = typer.Option(_R.layers_blimp_per_paradigm, help="BLiMP pairs per paradigm for the layer analysis of the main set (0 skips it)."),
+    preset: str = typer.Option(_S.preset, help="standard: the main p, ~2,000 BLiMP and 1,100 TSE pairs per condition, under 30 min for SmolLM2 on 2 cores. powered: the published run (top 1,2,5 sweep, all 67,000 BLiMP pairs for the main conditions, lm_eval tasks, layer analysis; hours). Options given below override it."),
+    model: str = typer.Option(_S.model, help="Embedded model name (smollm2-135m, gemma-3-270m; fetched once) or an HF model dir."),
+    out: Path | None = typer.Option(None, help="Output folder: report, runs, logs (rerun to resume). Default: docs/results/<model> (powered), docs/results/standard/<model> (standard).", show_default=False),
+    dtype: str | None = _opt("dtype", "float32: exact (oracle-equal). bfloat16: 1.4-1.7x faster where the hardware has bf16 units (avx512_bf16, AMX, GPUs); refused on CPUs without them. Its effect on decisions and deltas: README, 'Precision'."),
+    top: str | None = _opt("top", "Percents of neurons per layer, one Wasserstein set each, from one discovery pass; the first is the main p (Wasserstein-positive, full BLiMP)."),
+    discovery_tokens: int | None = _opt("discovery_tokens", "WikiText-2 valid tokens observed to score neurons."),
+    discovery_text: str | None = _opt("discovery_text", "Discovery corpus: unk-removed (the <unk> tokens dropped, the rest as the reference's raw text), detokenized, or tokenized (as is)."),
+    blimp_per_paradigm: int | None = _opt("blimp_per_paradigm", "BLiMP pairs per paradigm for every condition (67 paradigms of 1,000)."),
+    blimp_main_per_paradigm: int | None = _opt("blimp_main_per_paradigm", "BLiMP pairs per paradigm for the main p's baseline, Wasserstein-negative, random-negative and bottom-matched conditions (1000: all 67,000)."),
+    tse_per_test: int | None = _opt("tse_per_test", "TSE pairs per test (22 Marvin & Linzen tests: agreement, reflexives, NPI; 120-22,400 pairs each)."),
+    ppl_windows: int | None = _opt("ppl_windows", "Raw WikiText-2 test windows for perplexity."),
+    ppl_window: int | None = _opt("ppl_window", "Tokens per perplexity window (the reference's 2,048)."),
+    window: int | None = _opt("window", "Tokens per window in discovery and the perplexity-matched search."),
+    match_tokens: int | None = _opt("match_tokens", "Held-out tokens per perplexity-matching step."),
+    match_max_iter: int | None = _opt("match_max_iter", "Most bisection steps of the perplexity-matched search."),
+    lm_tasks: str | None = _opt("lm_tasks", "lm_eval tasks for the baseline, Wasserstein-negative and both matched controls at the main p (offline copies; '' skips them)."),
+    lm_tasks_limit: int | None = typer.Option(None, help=f"First N documents of each lm_eval task (0: all). (default: {_S.lm_tasks_limit})", show_default=False),
+    layers_blimp_per_paradigm: int | None = _opt("layers_blimp_per_paradigm", "BLiMP pairs per paradigm for the layer analysis of the main set (0 skips it)."),
     cpu_bind_all_cores: bool = typer.Option(
-        _R.cpu_bind_all_cores, help="On CPU, give vLLM's worker every core (vLLM keeps one back by default)."),
-    seed: int = typer.Option(_R.seed, help="Seed of subsampling and random controls."),
+        _S.cpu_bind_all_cores, help="On CPU, give vLLM's worker every core (vLLM keeps one back by default)."),
+    seed: int = typer.Option(_S.seed, help="Seed of subsampling and random controls."),
 ) -> None:
     """Reproduce the paper's main comparison on a real model, offline, in one command.
 
@@ -333,27 +363,38 @@ def reproduce_command(
     each --top p builds the Wasserstein set, a random control of the same per-layer counts
     and two perplexity-matched controls (random and lowest-W1 neurons). Serves every
     condition with `negablate serve` and scores BLiMP, TSE (22 tests) and raw WikiText-2
-    test perplexity (2,048-token windows) over HTTP. Writes OUT/REPORT.md (main table,
-    the sweep against p, TSE by field), report.json, CSVs and PNG charts. Interrupted?
-    Run the same command again: every phase resumes, and a folder made with other
-    settings is refused.
+    test perplexity (2,048-token windows) over HTTP. Writes OUT/REPORT.md (main table with
+    CIs, McNemar p and minimal detectable effects; the sweep against p; TSE by field; the
+    premise statistic), report.json, CSVs and PNG charts. Interrupted? Run the same command
+    again: every phase resumes, and a folder made with other settings is refused.
 
-    The defaults are the powered run (hours on a 2-core CPU). A quick look:
-    negablate reproduce --top 1 --blimp-per-paradigm 15 --blimp-main-per-paradigm 15 --tse-per-test 20 --lm-tasks-limit 50 --layers-blimp-per-paradigm 0 --out quick
+    Two presets: `standard` (the default; under 30 minutes for SmolLM2-135M on 2 cores) and
+    `powered` (the published reports in docs/results/<model>; hours):
+
+    negablate reproduce --preset powered --model smollm2-135m
     """
     from vllm_negablate.precision import DtypeError, check_dtype_runnable
 
+    given: dict[str, Any] = {
+        "dtype": dtype, "discovery_tokens": discovery_tokens, "discovery_text": discovery_text,
+        "blimp_per_paradigm": blimp_per_paradigm, "blimp_main_per_paradigm": blimp_main_per_paradigm,
+        "tse_per_test": tse_per_test, "ppl_windows": ppl_windows, "ppl_window": ppl_window, "window": window,
+        "match_tokens": match_tokens, "match_max_iter": match_max_iter,
+        "layers_blimp_per_paradigm": layers_blimp_per_paradigm,
+    }
     try:
-        dtype = check_dtype_runnable(dtype)  # before any engine starts
-        cfg = ReproduceConfig(
-            model=model, out=out, dtype=dtype, top=parse_percents(top), discovery_tokens=discovery_tokens,
-            discovery_text=discovery_text, blimp_per_paradigm=blimp_per_paradigm,
-            blimp_main_per_paradigm=blimp_main_per_paradigm, tse_per_test=tse_per_test,
-            ppl_windows=ppl_windows, ppl_window=ppl_window, window=window, seed=seed,
-            match_tokens=match_tokens, match_max_iter=match_max_iter, cpu_bind_all_cores=cpu_bind_all_cores,
-            lm_tasks=[t.strip() for t in lm_tasks.split(",") if t.strip()], lm_tasks_limit=lm_tasks_limit or None,
-            layers_blimp_per_paradigm=layers_blimp_per_paradigm,
-        )
+        if preset not in PRESETS:
+            raise typer.BadParameter(f"--preset {preset!r}: use one of {', '.join(PRESETS)}")
+        if dtype is not None:
+            given["dtype"] = check_dtype_runnable(dtype)  # before any engine starts
+        if top is not None:
+            given["top"] = parse_percents(top)
+        if lm_tasks is not None:
+            given["lm_tasks"] = [t.strip() for t in lm_tasks.split(",") if t.strip()]
+        if lm_tasks_limit is not None:
+            given["lm_tasks_limit"] = lm_tasks_limit or None
+        cfg = ReproduceConfig(preset=preset, model=model, out=out, seed=seed, cpu_bind_all_cores=cpu_bind_all_cores,
+                              **{k: v for k, v in given.items() if v is not None})
         reproduce(cfg)
     except (DtypeError, PreflightError, typer.BadParameter) as e:
         console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)

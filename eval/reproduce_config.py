@@ -9,6 +9,13 @@ A run is a **top-p sweep**: one discovery pass scores every neuron, and each ``p
 (the first of ``top``) also gets the Wasserstein-positive mirror, and its main
 conditions (:data:`FULL_BLIMP_KINDS`) are scored on ``blimp_main_per_paradigm`` BLiMP
 pairs per paradigm (1,000 = all 67,000 pairs), the rest on ``blimp_per_paradigm``.
+
+Two **presets** size a run. ``standard`` (the default, the class defaults below) is what
+``negablate reproduce`` does on a fresh machine: the main p only, about 2,000 BLiMP and
+1,100 TSE pairs per condition, under 30 minutes for SmolLM2-135M on 2 cores.
+``powered`` (:data:`POWERED`) is the published run: the top-p sweep, all 67,000 BLiMP pairs
+for the main conditions, lm_eval's non-grammatical tasks and the layer analysis (hours).
+Any explicit setting overrides its preset's value.
 """
 
 from __future__ import annotations
@@ -26,16 +33,34 @@ from vllm_negablate.precision import DTYPES, normalize_dtype
 RESULTS_ROOT = Path("docs") / "results"  # the default output folder is RESULTS_ROOT/<model name>
 
 DiscoveryText = Literal["unk-removed", "detokenized", "tokenized"]
+Preset = Literal["standard", "powered"]
+
+# What ``preset="powered"`` changes from the standard run (the class defaults)
+POWERED: dict[str, object] = {
+    "top": [1.0, 2.0, 5.0],
+    "discovery_tokens": 131_072,
+    "blimp_per_paradigm": 200,
+    "blimp_main_per_paradigm": 1000,
+    "tse_per_test": 200,
+    "ppl_windows": 16,
+    "match_tokens": 16_384,
+    "lm_tasks": list(NONGRAMMATICAL_TASKS),
+    "layers_blimp_per_paradigm": 50,
+}
+PRESETS: dict[str, dict[str, object]] = {"standard": {}, "powered": POWERED}
 
 
 class ReproduceConfig(BaseModel):
-    """Every knob of a run; the defaults are what ``negablate reproduce`` uses.
+    """Every knob of a run; the defaults are the ``standard`` preset, what ``negablate
+    reproduce`` does unless told otherwise.
 
-    Sized for power, not speed: at the main p the four main conditions see all
-    67,000 BLiMP pairs (a 0.3-point minimal detectable effect), the sweep 200 pairs per
-    paradigm (13,400; about 1 point) and 200 pairs per TSE test. SmolLM2-135M takes
-    hours on a 2-core CPU; every phase resumes. ``--blimp-per-paradigm 15
-    --blimp-main-per-paradigm 15 --tse-per-test 20 --top 1`` is a quick look.
+    ``standard``: the main p (1%), 30 BLiMP pairs per paradigm (2,010; a minimal detectable
+    effect near 1.5 points) and 50 per TSE test (1,100), 4 perplexity windows, discovery on
+    32,768 tokens; under 30 minutes for SmolLM2-135M on 2 cores (README). ``powered``
+    (:data:`POWERED`): the top-p sweep 1/2/5%, all 67,000 BLiMP pairs for the four main
+    conditions (a 0.3-point minimal detectable effect), 200 pairs per paradigm and per TSE
+    test elsewhere, lm_eval's non-grammatical tasks and the layer analysis; hours on 2
+    cores, every phase resumes.
 
     float32 is the exact mode: every served ablation equals the transformers oracle to
     float tolerance. bfloat16 is the fast mode where the hardware has bf16 units
@@ -45,25 +70,26 @@ class ReproduceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    preset: Preset = "standard"  # fills every setting not given (see PRESETS)
     model: str = "smollm2-135m"
     out: Path | None = None  # None: docs/results/<model name> (see :meth:`out_dir`)
     dtype: str = "float32"
     # percents of neurons per layer; the first is the main p (Wasserstein-positive, full BLiMP)
-    top: list[float] = [1.0, 2.0, 5.0]
-    discovery_tokens: int = 131_072
+    top: list[float] = [1.0]
+    discovery_tokens: int = 32_768
     # the discovery corpus (WikiText-2 valid): "unk-removed" drops the tokenized split's
     # <unk> tokens and keeps the rest as the reference's raw text has it (its " @-@ " too);
     # "detokenized" also undoes WikiText's tokenization; "tokenized": the file as it is
     discovery_text: DiscoveryText = "unk-removed"
     window: int = defaults.WINDOW_TOKENS  # discovery and perplexity-matching windows
-    blimp_per_paradigm: int = 200
-    blimp_main_per_paradigm: int = 1000  # >= the BLiMP paradigm size: all pairs
-    tse_per_test: int = 200
+    blimp_per_paradigm: int = 30
+    blimp_main_per_paradigm: int = 30  # 1000 (>= the BLiMP paradigm size): all pairs
+    tse_per_test: int = 50
     tse_source: Literal["tse", "tse-ml"] = "tse"  # all 22 Marvin & Linzen tests; "tse-ml": 15
     ppl_window: int = 2048  # the reference's perplexity windows (start token included)
-    ppl_windows: int = 16
+    ppl_windows: int = 4
     ppl_text: Literal["raw", "tokenized"] = "raw"  # WikiText-2 test: raw (the reference's) or <unk>
-    match_tokens: int = 16_384
+    match_tokens: int = 8_192
     match_tol: float = 0.02  # relative; used only when match_tol_effect is None
     # tolerance of the perplexity-matched search as a share of the Wasserstein set's own
     # log-perplexity effect (a fixed 2% accepted even the unablated model on Gemma)
@@ -71,17 +97,25 @@ class ReproduceConfig(BaseModel):
     match_max_iter: int = 8
     # the double dissociation: lm_eval's non-grammatical tasks (offline copies), for the
     # baseline, Wasserstein-negative and both perplexity-matched controls at the main p
-    lm_tasks: list[str] = list(NONGRAMMATICAL_TASKS)  # PIQA, ARC-E/C, WinoGrande, SciQ, LAMBADA, OBQA, BoolQ
+    lm_tasks: list[str] = []  # powered: PIQA, ARC-E/C, WinoGrande, SciQ, LAMBADA, OBQA, BoolQ
     lm_tasks_limit: int | None = 300  # first N documents of each task (None: all)
     # depth (the main p's Wasserstein set one layer at a time and over the first k layers);
     # 0 pairs skips it
-    layers_blimp_per_paradigm: int = 50
+    layers_blimp_per_paradigm: int = 0
     layers_ks: list[int] | None = None  # None: 1, 2, 4, 8, ... and every layer
     cpu_bind_all_cores: bool = True
     seed: int = 0
     n_boot: int = 2_000
     kv_cache_mb: int = 1024
     data_dir: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_values(cls, data: object) -> object:
+        """The preset's values for every setting not given explicitly."""
+        if isinstance(data, dict):
+            return {**PRESETS.get(data.get("preset", "standard"), {}), **data}
+        return data
 
     @field_validator("dtype")
     @classmethod
@@ -122,10 +156,13 @@ class ReproduceConfig(BaseModel):
         return self.blimp_main_per_paradigm > self.blimp_per_paradigm
 
     def out_dir(self) -> Path:
-        """``out``, or ``docs/results/<model name>`` (a model folder: its name)."""
+        """``out``, or ``docs/results/<model name>`` for the powered preset (the published
+        runs) and ``docs/results/standard/<model name>`` for the standard one (a model
+        folder: its name)."""
         if self.out is not None:
             return Path(self.out)
-        return RESULTS_ROOT / Path(self.model).expanduser().name
+        name = Path(self.model).expanduser().name
+        return RESULTS_ROOT / name if self.preset == "powered" else RESULTS_ROOT / self.preset / name
 
 
 class ConditionSpec(BaseModel):

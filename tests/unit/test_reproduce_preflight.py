@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import eval.reproduce as rep
 from eval.data import BLIMP_PARADIGMS, TSE_ML_TESTS, TSE_TESTS, missing_data
 from eval.reproduce import PreflightError, ReproduceConfig, preflight
+from eval.reproduce_config import POWERED
 
 
 def _data(root: Path, *, drop: tuple[str, ...] = ()) -> Path:
@@ -78,7 +79,7 @@ def test_preflight_refuses_an_output_folder_with_other_settings(tmp_path):
     (out / "config.json").write_text(first.model_dump_json())
     # how a run runs, or where, may change; what it computes may not
     preflight(first.model_copy(update={"kv_cache_mb": 4096, "n_boot": 10_000, "cpu_bind_all_cores": False}))
-    with pytest.raises(PreflightError, match=r"blimp_per_paradigm 15 -> 200; top \[1.0, 2.0, 5.0\] -> \[2.0\]"):
+    with pytest.raises(PreflightError, match=r"blimp_per_paradigm 15 -> 200; top \[1.0\] -> \[2.0\]"):
         preflight(first.model_copy(update={"blimp_per_paradigm": 200, "top": [2.0]}))
     # a folder from an older version that did not record a setting: its value is unknown
     old = json.loads((out / "config.json").read_text())
@@ -88,11 +89,38 @@ def test_preflight_refuses_an_output_folder_with_other_settings(tmp_path):
         preflight(first)
 
 
-def test_the_default_output_folder_is_per_model(tmp_path):
-    assert ReproduceConfig().out_dir() == Path("docs/results/smollm2-135m")
-    assert ReproduceConfig(model="gemma-3-270m").out_dir() == Path("docs/results/gemma-3-270m")
-    assert ReproduceConfig(model=str(tmp_path / "my-model")).out_dir() == Path("docs/results/my-model")
-    assert ReproduceConfig(out=tmp_path / "x").out_dir() == tmp_path / "x"
+def test_the_default_output_folder_is_per_model_and_preset(tmp_path):
+    assert ReproduceConfig().out_dir() == Path("docs/results/standard/smollm2-135m")
+    assert ReproduceConfig(preset="powered").out_dir() == Path("docs/results/smollm2-135m")
+    assert ReproduceConfig(model="gemma-3-270m", preset="powered").out_dir() == Path("docs/results/gemma-3-270m")
+    assert ReproduceConfig(model=str(tmp_path / "my-model")).out_dir() == Path("docs/results/standard/my-model")
+    assert ReproduceConfig(out=tmp_path / "x", preset="powered").out_dir() == tmp_path / "x"
+
+
+def test_presets_fill_what_is_not_given_and_yield_to_what_is():
+    standard, powered = ReproduceConfig(), ReproduceConfig(preset="powered")
+    assert (standard.top, standard.blimp_per_paradigm, standard.tse_per_test, standard.full_blimp,
+            standard.lm_tasks, standard.layers_blimp_per_paradigm) == ([1.0], 30, 50, False, [], 0)
+    assert (powered.top, powered.blimp_per_paradigm, powered.blimp_main_per_paradigm, powered.full_blimp,
+            len(powered.lm_tasks), powered.layers_blimp_per_paradigm) == ([1.0, 2.0, 5.0], 200, 1000, True, 8, 50)
+    # the settings the powered preset does not change are the standard ones
+    same = {k for k in ReproduceConfig.model_fields if k not in POWERED and k != "preset"}
+    assert all(getattr(standard, k) == getattr(powered, k) for k in same)
+    mixed = ReproduceConfig(preset="powered", blimp_main_per_paradigm=200, top=[2.0])
+    assert (mixed.top, mixed.blimp_main_per_paradigm, mixed.tse_per_test, mixed.full_blimp) == ([2.0], 200, 200, False)
+    with pytest.raises(ValueError, match="preset"):
+        ReproduceConfig(preset="huge")
+
+
+def test_a_folder_of_the_other_preset_is_refused_with_the_flag_that_resumes_it(tmp_path):
+    data = _data(tmp_path / "d")
+    out = tmp_path / "out"
+    out.mkdir()
+    powered = ReproduceConfig(preset="powered", out=out, data_dir=data)
+    (out / "config.json").write_text(powered.model_dump_json(exclude={"preset"}))  # as older runs wrote it
+    preflight(powered)  # the same settings resume, whatever the preset was called
+    with pytest.raises(PreflightError, match=r"top \[1.0, 2.0, 5.0\] -> \[1.0\].*add --preset powered"):
+        preflight(ReproduceConfig(out=out, data_dir=data))
 
 
 @pytest.mark.parametrize("update, message", [

@@ -40,7 +40,7 @@ def test_recipes_and_consumers_agree(percent):
 
 
 def test_a_sweep_serves_each_p_and_the_mirror_only_at_the_main_p():
-    cfg = ReproduceConfig(top=[2, 1], seed=0)
+    cfg = ReproduceConfig(top=[2, 1], seed=0, preset="powered")
     specs = condition_sets(cfg)
     labels = [s.label for s in specs]
     assert labels == [
