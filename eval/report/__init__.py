@@ -1,0 +1,96 @@
+"""The reproduction report: REPORT.md, report.json, CSV and PNG from a run folder.
+
+Reads only files (``OUT/runs*/<condition>/<task>/``, ``OUT/discovery``, ``OUT/lm_tasks``,
+``OUT/layers``), so it can be rebuilt at any time, mid-run included:
+``python -m eval.report docs/results/smollm2-135m``. One module per concern:
+:mod:`~eval.report.collect` (the numbers), :mod:`~eval.report.figures` (PNG),
+:mod:`~eval.report.tables` (CSV), :mod:`~eval.report.markdown` (REPORT.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from eval.report import figures
+from eval.report.collect import collect, matched_controls, premise_statistics
+from eval.report.markdown import header, render
+from eval.report.tables import PREMISE_COLUMNS, TSE_FIELD_COLUMNS, write_csv
+from eval.reproduce_config import BASELINE, ConditionSpec
+
+__all__ = ["rebuild", "write_report"]
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _analysis_sections(out: Path, result: dict[str, Any]) -> list[str]:
+    """The lm_eval tasks (the non-grammatical side) and the layer analysis, when run."""
+    sections = []
+    if (out / "lm_tasks" / "lm_tasks.json").exists():
+        from eval.analysis.lm_tasks import load_result, markdown_section
+
+        lm_tasks = load_result(out / "lm_tasks" / "lm_tasks.json")
+        result["lm_tasks"] = json.loads(lm_tasks.model_dump_json())
+        sections.append(markdown_section(lm_tasks, image="lm_tasks/lm_tasks.png"))
+    if (out / "layers" / "layers.json").is_file():
+        from eval.analysis import layers
+
+        sections.append(layers.markdown_section(layers.load_result(out / "layers" / "layers.json"),
+                                                image="layers/layers.png"))
+    return sections
+
+
+def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Path,
+                 elapsed_s: float | None = None) -> Path:
+    """Collect every number of the run folder ``cfg.out_dir()`` and write its report files."""
+    out = cfg.out_dir()
+    data = collect(out, disc, specs, cfg.n_boot, cfg.seed)
+    data["matched"] = matched_controls(disc, specs)
+    data["premise"] = premise_statistics(disc, cfg.main_top)
+    discovery = _json(disc / "stats.json")
+    model_meta = _json(model_dir / "negablate_model.json")
+    corpus = _json(out / "corpus" / f"wikitext-2-valid.{cfg.discovery_text}.json")
+    drawn = {
+        "phenomena": figures.plot_phenomena(data["phenomena"], out / "blimp_phenomena_deltas.png"),
+        "sweep": figures.plot_sweep(data["sweep"], out / "sweep.png"),
+        "scores": figures.plot_scores(disc, out / "wasserstein_scores.png"),
+        "counts": figures.plot_counts(data["rows"], out / "neuron_counts.png"),
+        "premise": figures.plot_premise(data["premise"], out / "premise.png"),
+    }
+    result = {
+        "config": json.loads(cfg.model_dump_json()), "model_dir": str(model_dir), "model": model_meta,
+        "discovery": discovery, "discovery_corpus": corpus, "elapsed_s": elapsed_s, **data,
+        "figures": {k: str(v) for k, v in drawn.items() if v},
+    }
+    extra = _analysis_sections(out, result)
+    (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
+    write_csv(data["rows"], out / "main_table.csv")
+    write_csv(data["sweep"], out / "sweep_table.csv")
+    write_csv(data["tse_by_field"], out / "tse_by_field.csv", TSE_FIELD_COLUMNS)
+    if data["premise"]:
+        write_csv(data["premise"], out / "premise.csv", PREMISE_COLUMNS)
+    full_n = next((r.get("blimp_n") for r in data["rows"] if r["condition"] == BASELINE), None)
+    head = header(cfg, model_dir, model_meta, discovery, corpus, full_n)
+    path = out / "REPORT.md"
+    path.write_text(render(cfg, data, head, drawn, extra, elapsed_s))
+    return path
+
+
+def rebuild(folder: Path) -> Path:
+    """Write the report of a reproduce folder from its files, finished or not (``python -m
+    eval.report docs/results/smollm2-135m``): what is scored so far, the rest listed as pending."""
+    from eval.reproduce_config import ReproduceConfig, condition_sets
+    from vllm_negablate.models.fetch import fetched_path
+
+    config = ReproduceConfig.model_validate_json((folder / "config.json").read_text()).model_copy(
+        update={"out": folder})
+    model_dir = Path(config.model).expanduser()
+    if not model_dir.is_dir():
+        try:
+            model_dir = fetched_path(config.model) or model_dir
+        except KeyError:  # neither a folder nor an embedded name (UnknownModelError; a folder since removed)
+            pass
+    return write_report(config, folder / "discovery", condition_sets(config), model_dir)

@@ -1,0 +1,162 @@
+"""The report's numbers, all read from files: the run folders (``runs/<condition>/<task>/``,
+``runs-full/``), the discovery statistics and the sets' provenance.
+
+Reads files only, so a report can be rebuilt at any time, mid-run included: a condition
+whose runs are not finished is listed as pending, never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval.reproduce_config import BASELINE, ConditionSpec
+from eval.stats import compare_runs
+from eval.tasks import load_records, load_summary
+
+
+def neuron_count(disc: Path, set_name: str | None) -> tuple[int, str]:
+    path = disc / "sets" / f"{set_name}.json"
+    if set_name is None or not path.is_file():  # the baseline; a set not made yet (a mid-run report)
+        return 0, "-"
+    data = json.loads(path.read_text())
+    modes = sorted({e.get("mode", "negative") for e in data["entries"]})
+    return sum(len(e["neurons"]) for e in data["entries"]), ",".join(modes)
+
+
+def _pair_cells(runs: Path, label: str, task: str, n_boot: int, seed: int,
+                group_keys: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[Any]]:
+    """``{task}_acc, _n, _delta, _p, _mde`` of ``runs/label/task`` against ``runs/baseline``
+    (same settings, hence the same pairs), and the comparison's rows."""
+    summary = load_summary(runs / label / task)
+    cells: dict[str, Any] = {f"{task}_acc": summary.overall.accuracy, f"{task}_n": summary.n_pairs}
+    if label == BASELINE:
+        return cells, []
+    cmp = compare_runs(load_records(runs / BASELINE / task), load_records(runs / label / task),
+                       group_keys=group_keys, n_boot=n_boot, seed=seed)
+    overall = cmp[-1]
+    cells |= {f"{task}_delta": [overall.delta, overall.ci_lo, overall.ci_hi], f"{task}_p": overall.p_value,
+              f"{task}_mde": overall.mde}
+    return cells, cmp
+
+
+def _ppl_cells(runs: Path, label: str) -> dict[str, Any]:
+    path = runs / label / "perplexity"
+    ppl, base = load_summary(path), load_summary(runs / BASELINE / "perplexity")
+    return {"ppl": ppl.ppl, "ppl_ratio": ppl.ppl / base.ppl, "ppl_tokens": ppl.n_tokens}
+
+
+def tse_by_field(runs: Path, specs: list[ConditionSpec], n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """Main conditions' TSE deltas per field (agreement, reflexives, NPI) under both of the
+    paper's metrics: mean per-token log-probability (``correct_mean``) and summed (``correct_sum``)."""
+    out = []
+    base = load_records(runs / BASELINE / "tse")
+    for spec in specs:
+        if spec.label == BASELINE or not spec.main or not (runs / spec.label / "tse" / "summary.json").is_file():
+            continue
+        recs = load_records(runs / spec.label / "tse")
+        for metric in ("correct_mean", "correct_sum"):
+            for r in compare_runs(base, recs, group_keys=("field",), correct_field=metric, n_boot=n_boot,
+                                  seed=seed):
+                out.append({"condition": spec.label, "metric": metric, "field": r.group, "n": r.n,
+                            "acc_baseline": r.acc_a, "acc": r.acc_b, "delta": r.delta, "ci_lo": r.ci_lo,
+                            "ci_hi": r.ci_hi, "p": r.p_value})
+    return out
+
+
+def collect(out: Path, disc: Path, specs: list[ConditionSpec], n_boot: int, seed: int) -> dict[str, Any]:
+    """The report's numbers, all read from run folders.
+
+    ``rows``: the main p's conditions (BLiMP from ``runs-full/`` where the condition has a
+    full run there, against the baseline's full run; TSE and perplexity from ``runs/``).
+    ``sweep``: every non-baseline condition at every p from ``runs/`` (same pairs for all).
+    """
+    runs, full = out / "runs", out / "runs-full"
+    rows, sweep, phenomena, pending = [], [], {}, []
+    for spec in specs:
+        count, modes = neuron_count(disc, spec.set_name)
+        head = {"condition": spec.label, "kind": spec.kind, "top": spec.top, "set": spec.set_name,
+                "description": spec.description, "neurons": count, "mode": modes}
+        sub, cmp = dict(head), []
+        if _done(runs, spec.label, "blimp"):
+            blimp_sub, cmp = _pair_cells(runs, spec.label, "blimp", n_boot, seed, ("phenomenon",))
+            sub |= blimp_sub
+        if _done(runs, spec.label, "tse"):
+            sub |= _pair_cells(runs, spec.label, "tse", n_boot, seed)[0]
+        if _done(runs, spec.label, "perplexity"):
+            sub |= _ppl_cells(runs, spec.label)
+        if spec.label != BASELINE and "blimp_acc" in sub:
+            sweep.append(sub)
+        if not spec.main:
+            if "blimp_acc" not in sub:
+                pending.append(spec.label)
+            continue
+        row = dict(sub)
+        if spec.full_blimp and _done(full, spec.label, "blimp"):
+            blimp_full, cmp = _pair_cells(full, spec.label, "blimp", n_boot, seed, ("phenomenon",))
+            row |= blimp_full
+        if "blimp_acc" not in row:
+            pending.append(spec.label)
+            continue
+        if spec.label != BASELINE:
+            phenomena[spec.label] = {r.group: [r.delta, r.ci_lo, r.ci_hi] for r in cmp if r.level == "phenomenon"}
+        rows.append(row)
+    tse_fields = tse_by_field(runs, specs, n_boot, seed) if _done(runs, BASELINE, "tse") else []
+    return {"rows": rows, "sweep": sweep, "phenomena": phenomena, "tse_by_field": tse_fields,
+            "pending": pending}
+
+
+def _done(runs: Path, label: str, task: str) -> bool:
+    """Whether both the condition and the baseline have a finished ``task`` run in ``runs``
+    (a report written mid-run shows what is finished and lists the rest as pending)."""
+    return all((runs / name / task / "summary.json").is_file() for name in (label, BASELINE))
+
+
+def premise_statistics(disc: Path, top: float) -> list[dict[str, Any]]:
+    """The paper's premise, per layer and overall, for the top ``top``% Wasserstein neurons
+    against the rest: mean W1, the mean share of each neuron's W1 that lies at negative raw
+    pre-activations (``h < 0``) and at ``z < 0``, and the mean share of tokens with ``h < 0``.
+    Empty when the statistics predate ``w1_h_negative`` (rerun discovery)."""
+    path = disc / "stats.npz"
+    if not path.is_file():
+        return []
+    from vllm_negablate.discovery.wasserstein import top_percent_mask
+
+    stats = np.load(path)
+    if "w1_h_negative" not in stats:
+        return []
+    w1, wh, wz, frac = (np.asarray(stats[k], dtype=np.float64) for k in
+                        ("w1", "w1_h_negative", "w1_negative", "frac_h_negative"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share_h, share_z = wh / w1, wz / w1
+    top_mask = np.stack([top_percent_mask(row, top) for row in w1])
+    rows = []
+    layers = [(str(i), np.s_[i : i + 1]) for i in range(w1.shape[0])] + [("all", np.s_[:])]
+    for layer, sl in layers:
+        for group, mask in (("wasserstein", top_mask[sl]), ("other", ~top_mask[sl])):
+            ok = mask & np.isfinite(w1[sl]) & (w1[sl] > 0)
+            rows.append({"layer": layer, "group": group, "neurons": int(ok.sum()),
+                         "w1": float(np.mean(w1[sl][ok])) if ok.any() else float("nan"),
+                         "share_h_negative": float(np.mean(share_h[sl][ok])) if ok.any() else float("nan"),
+                         "share_z_negative": float(np.mean(share_z[sl][ok])) if ok.any() else float("nan"),
+                         "frac_h_negative": float(np.mean(frac[sl][ok])) if ok.any() else float("nan")})
+    return rows
+
+
+def matched_controls(disc: Path, specs: list[ConditionSpec]) -> list[dict[str, Any]]:
+    """How close each perplexity-matched control came to its target, from its set's
+    provenance (the search records its target, result, tolerance and whether it converged)."""
+    out = []
+    for spec in specs:
+        path = disc / "sets" / f"{spec.set_name}.json"
+        if not spec.set_name or not spec.set_name.startswith("perplexity-matched") or not path.exists():
+            continue
+        src = json.loads(path.read_text()).get("provenance", {}).get("source", {})
+        if "target_perplexity" in src:
+            out.append({"condition": spec.label, **{k: src.get(k) for k in (
+                "perplexity", "target_perplexity", "baseline_perplexity", "eval_tokens", "tolerance",
+                "tolerance_effect", "converged", "iterations")}})
+    return out

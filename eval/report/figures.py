@@ -1,0 +1,130 @@
+"""The report's charts (matplotlib, Agg backend; PNG beside REPORT.md).
+
+Each function takes numbers already collected (:mod:`eval.report.collect`) and returns the
+file it wrote, or None when there is nothing to draw (one p: no sweep chart).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot() -> Any:
+    """pyplot on the file-only backend (no display on servers and in CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_premise(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    per_layer = [r for r in rows if r["layer"] != "all"]
+    if not per_layer:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, (key, label) in zip(axes, (("w1", "mean W1 to N(0,1)"),
+                                       ("share_h_negative", "share of W1 at h < 0"),
+                                       ("frac_h_negative", "share of tokens with h < 0")), strict=True):
+        for group, colour in (("wasserstein", "tab:red"), ("other", "tab:gray")):
+            pts = [(int(r["layer"]), r[key]) for r in per_layer if r["group"] == group]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, color=colour, label=group)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(label)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_phenomena(phenomena: dict[str, dict[str, list[float]]], path: Path) -> Path:
+    plt = _pyplot()
+    labels = sorted({p for v in phenomena.values() for p in v})
+    conds = list(phenomena)
+    fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.9), 4.5))
+    width = 0.8 / max(1, len(conds))
+    x = np.arange(len(labels))
+    for i, cond in enumerate(conds):
+        vals = np.array([phenomena[cond].get(p, [np.nan] * 3) for p in labels]) * 100
+        err = np.abs(vals[:, 1:] - vals[:, :1]).T
+        ax.bar(x + (i - (len(conds) - 1) / 2) * width, vals[:, 0], width, yerr=err, capsize=2, label=cond)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x, [p.replace("_", " ") for p in labels], rotation=35, ha="right")
+    ax.set_ylabel("BLiMP accuracy change vs baseline (points, 95% CI)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_scores(disc: Path, path: Path) -> Path | None:
+    stats_path = disc / "stats.npz"
+    if not stats_path.exists():
+        return None
+    plt = _pyplot()
+    stats = np.load(stats_path)
+    w1 = stats["w1"]
+    neg = stats["w1_negative"] if "w1_negative" in stats else None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].hist(w1.ravel(), bins=100, color="tab:blue")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("Wasserstein-1 distance to N(0,1) (standardized pre-activation)")
+    axes[0].set_ylabel("neurons")
+    axes[0].set_title("all layers")
+    if neg is not None:
+        share = np.divide(neg, w1, out=np.zeros_like(neg), where=w1 > 0)
+        top = w1 > np.percentile(w1, 99, axis=1, keepdims=True)
+        axes[1].hist([share[~top].ravel(), share[top].ravel()], bins=40, density=True,
+                     label=["other neurons", "top 1% per layer"], color=["tab:gray", "tab:red"])
+        axes[1].set_xlabel("share of W1 from z < 0")
+        axes[1].legend()
+        axes[1].set_title("where the non-Gaussian mass sits")
+    return _save(fig, path)
+
+
+def plot_counts(rows: list[dict[str, Any]], path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh([r["condition"] for r in rows], [r["neurons"] for r in rows], color="tab:purple")
+    ax.set_xlabel("ablated neurons (all layers)")
+    return _save(fig, path)
+
+
+def plot_sweep(sweep: list[dict[str, Any]], path: Path) -> Path | None:
+    """BLiMP delta, TSE delta (points, 95% CI) and perplexity ratio against p, one line per kind."""
+    tops = sorted({r["top"] for r in sweep if r.get("top") is not None})
+    if len(tops) < 2:
+        return None
+    plt = _pyplot()
+    kinds = list(dict.fromkeys(r["kind"] for r in sweep if r["kind"] != "wasserstein-positive"))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = [("blimp_delta", "BLiMP accuracy change (points)"), ("tse_delta", "TSE accuracy change (points)"),
+              ("ppl_ratio", "perplexity / baseline")]
+    for ax, (key, ylabel) in zip(axes, panels, strict=True):
+        for kind in kinds:
+            pts = sorted((r["top"], r.get(key)) for r in sweep if r["kind"] == kind and r.get(key) is not None)
+            if not pts:
+                continue
+            x = np.array([t for t, _ in pts])
+            if key == "ppl_ratio":
+                ax.plot(x, [v for _, v in pts], marker="o", label=kind)
+                continue
+            v = np.array([d for _, d in pts]) * 100
+            err = np.abs(v[:, 1:] - v[:, :1]).T
+            ax.errorbar(x, v[:, 0], yerr=err, marker="o", capsize=3, label=kind)
+        ax.axhline(1.0 if key == "ppl_ratio" else 0.0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xticks(tops, [f"{t:g}%" for t in tops])
+        ax.set_xlabel("top p of neurons per layer")
+        ax.set_ylabel(ylabel)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)

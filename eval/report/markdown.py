@@ -1,0 +1,177 @@
+"""REPORT.md: the collected numbers (:mod:`eval.report.collect`) as Markdown sections.
+
+Every section is a function of the numbers alone, so the README's tables are the report's
+own lines (``python -m eval.report FOLDER --print main``), never retyped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def fmt_ci(delta: float, lo: float, hi: float, scale: float = 100.0) -> str:
+    """``+1.2 [+0.4, +2.0]``: a delta and its CI, in points."""
+    return f"{delta * scale:+.1f} [{lo * scale:+.1f}, {hi * scale:+.1f}]"
+
+
+def _cells(r: dict[str, Any], task: str) -> str:
+    if f"{task}_delta" not in r:
+        return "- | - | -"
+    return (f"{fmt_ci(*r[f'{task}_delta'])} | {r[f'{task}_p']:.2g} | "
+            f"{r.get(f'{task}_mde', float('nan')) * 100:.1f}")
+
+
+def _acc(r: dict[str, Any], task: str) -> str:
+    return f"{r[f'{task}_acc'] * 100:.1f}" if f"{task}_acc" in r else "-"
+
+
+def _ppl(r: dict[str, Any]) -> tuple[str, str]:
+    return (f"{r['ppl']:.2f}", f"{r['ppl_ratio']:.3f}") if r.get("ppl") is not None else ("-", "-")
+
+
+def _n(r: dict[str, Any], task: str) -> str:
+    return f"{r[f'{task}_n']:,}" if f"{task}_n" in r else "-"
+
+
+def header(cfg: Any, model_dir: Any, model_meta: dict, discovery: dict, corpus: dict,
+           full_n: int | None) -> list[str]:
+    """What was run: model, discovery corpus, test sets, statistics."""
+    unk = f"; {corpus['unk_removed']:,} `<unk>` tokens removed" if corpus.get("unk_removed") else ""
+    package = model_meta.get("source", {}).get("package", model_meta.get("package", "registry package"))
+    return [
+        f"# Negative pre-activation ablation: {cfg.model}",
+        "",
+        f"Model directory: `{model_dir}`." + (
+            f" Weights are dequantized from a quantized GGUF file ({package}): "
+            "every neuron statistic describes the quantized model." if model_meta else ""),
+        f"Preset `{cfg.preset}`. Neurons chosen on WikiText-2 *valid* "
+        f"({discovery.get('num_tokens', cfg.discovery_tokens):,} tokens, "
+        f"text `{cfg.discovery_text}`{unk}; top p% Wasserstein-1 per layer for p in "
+        f"{', '.join(f'{p:g}%' for p in cfg.top)}, main p {cfg.main_top:g}%), dtype {cfg.dtype}.",
+        f"Perplexity on WikiText-2 *test* ({cfg.ppl_text}), {cfg.ppl_windows} windows of {cfg.ppl_window} tokens.",
+        f"BLiMP: {cfg.blimp_per_paradigm} pairs per paradigm (seed {cfg.seed})"
+        + (f", {cfg.blimp_main_per_paradigm} for the main conditions at the main p "
+           f"({full_n:,} pairs)" if cfg.full_blimp and full_n else "")
+        + f"; TSE: {cfg.tse_per_test} pairs per test ("
+        + ("all 22 Marvin & Linzen tests" if cfg.tse_source == "tse" else "Newman et al. agreement set")
+        + ", per-token mean metric).",
+        "Deltas are in accuracy points against the baseline on the same pairs, paired bootstrap 95% CI "
+        f"({cfg.n_boot} resamples); p: McNemar; MDE: the smallest delta these pairs detect "
+        "(alpha 0.05, power 0.8) at the comparison's rate of pairs that change decision. "
+        "A delta smaller than its MDE is not evidence of no effect.",
+    ]
+
+
+def main_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The main p's conditions, with pair counts, CIs, McNemar p and MDEs."""
+    lines = [
+        "| condition | neurons | BLiMP pairs | BLiMP acc | BLiMP delta [95% CI] | p | MDE | TSE pairs | TSE acc "
+        "| TSE delta [95% CI] | p | MDE | PPL | PPL ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ppl, ratio = _ppl(r)
+        lines.append(
+            f"| {r['condition']} | {r['neurons']:,} | {_n(r, 'blimp')} | {_acc(r, 'blimp')} | {_cells(r, 'blimp')} | "
+            f"{_n(r, 'tse')} | {_acc(r, 'tse')} | {_cells(r, 'tse')} | {ppl} | {ratio} |")
+    return lines
+
+
+def matched_note(matched: list[dict[str, Any]]) -> list[str]:
+    """One sentence per perplexity-matched control: how close it came to its target."""
+    lines = []
+    for m in matched:
+        state = ("matched within the tolerance" if m.get("converged")
+                 else "**not matched** (closest count kept; read its row with care)")
+        base, tol = m.get("baseline_perplexity"), m.get("tolerance")
+        lines.append(
+            f"{m['condition']}: perplexity {m['perplexity']:.2f} against the Wasserstein set's "
+            f"{m['target_perplexity']:.2f}" + (f" (unablated {base:.2f})" if base else "")
+            + f" on {m.get('eval_tokens') or '?'} held-out tokens"
+            + (f", tolerance {tol:.2%}" if tol is not None else "")
+            + (f" ({m['tolerance_effect']:g} of the set's effect)" if m.get("tolerance_effect") else "")
+            + f", {state}, after {m.get('iterations') or '?'} evaluations.")
+    return ["", *lines] if lines else []
+
+
+def sweep_table(sweep: list[dict[str, Any]]) -> list[str]:
+    """Every non-baseline condition at every p, on the sweep's common pairs."""
+    lines = ["| p | condition | neurons | BLiMP delta [95% CI] | p | MDE | TSE delta [95% CI] | p | MDE | PPL ratio |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(sweep, key=lambda r: (r["top"], r["condition"])):
+        lines.append(f"| {r['top']:g}% | {r['kind']} | {r['neurons']:,} | {_cells(r, 'blimp')} | "
+                     f"{_cells(r, 'tse')} | {_ppl(r)[1]} |")
+    return lines
+
+
+def tse_field_table(tse_by_field: list[dict[str, Any]]) -> list[str]:
+    """TSE deltas per field under the mean per-token and the summed metric."""
+    lines = ["| condition | field | pairs | mean per token | summed |", "|---|---|---:|---:|---:|"]
+    by = {(t["condition"], t["field"], t["metric"]): t for t in tse_by_field}
+    for cond, field in dict.fromkeys((t["condition"], t["field"]) for t in tse_by_field):
+        m, sm = by[(cond, field, "correct_mean")], by[(cond, field, "correct_sum")]
+        lines.append(f"| {cond} | {field} | {m['n']:,} | {fmt_ci(m['delta'], m['ci_lo'], m['ci_hi'])} | "
+                     f"{fmt_ci(sm['delta'], sm['ci_lo'], sm['ci_hi'])} |")
+    return lines
+
+
+def premise_table(premise: list[dict[str, Any]]) -> list[str]:
+    """Wasserstein vs other neurons over all layers (empty without the statistic)."""
+    overall = {r["group"]: r for r in premise if r["layer"] == "all"}
+    if not overall:
+        return []
+    lines = ["| neurons | count | W1 | W1 share at h < 0 | W1 share at z < 0 | tokens with h < 0 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for group in ("wasserstein", "other"):
+        r = overall[group]
+        lines.append(f"| {group} | {r['neurons']:,} | {r['w1']:.3f} | {r['share_h_negative']:.2f} | "
+                     f"{r['share_z_negative']:.2f} | {r['frac_h_negative']:.2f} |")
+    return lines
+
+
+def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, Any],
+           extra_sections: list[str], elapsed_s: float | None) -> str:
+    """The whole REPORT.md."""
+    main_p = cfg.main_top
+    lines = [*head, "", f"## Main conditions (top {main_p:g}%)", "", *main_table(data["rows"])]
+    if data["pending"]:
+        lines += ["", f"**Not finished yet** (rerun the command to resume): {', '.join(data['pending'])}."]
+    lines += matched_note(data.get("matched", []))
+    if len(cfg.top) > 1:
+        lines += ["", "## Top-p sweep", "",
+                  f"Every condition on the same {cfg.blimp_per_paradigm} BLiMP pairs per paradigm and "
+                  f"{cfg.tse_per_test} TSE pairs per test (`sweep_table.csv`).", "", *sweep_table(data["sweep"])]
+        if figures.get("sweep"):
+            lines += ["", "![Deltas against p](sweep.png)"]
+    if data["tse_by_field"]:
+        lines += ["", f"## TSE by field (top {main_p:g}%)", "",
+                  "Accuracy change in points [95% CI] under the paper's two metrics: mean per-token "
+                  "log-probability and summed log-probability (`tse_by_field.csv`).", "",
+                  *tse_field_table(data["tse_by_field"])]
+    premise = premise_table(data.get("premise", []))
+    if premise:
+        lines += ["", f"## The premise: where the non-Gaussian mass sits (top {main_p:g}% vs the rest)", "",
+                  "Means over neurons of: W1 to N(0,1); the share of each neuron's W1 at negative raw "
+                  "pre-activations (h < 0, the side the ablation zeroes) and at z < 0; the share of "
+                  "tokens with h < 0. Per layer: `premise.csv`, `premise.png`.", "", *premise]
+        if figures.get("premise"):
+            lines += ["", "![Premise per layer](premise.png)"]
+    lines += ["", "![BLiMP per-phenomenon deltas](blimp_phenomena_deltas.png)", ""]
+    if figures.get("scores"):
+        lines += ["![Wasserstein scores](wasserstein_scores.png)", ""]
+    lines += ["![Neuron counts](neuron_counts.png)", ""]
+    lines += extra_sections
+    if elapsed_s is not None:
+        lines.append(f"Total time: {elapsed_s / 60:.1f} min over all invocations (`timing.json`). Files: "
+                     "`report.json`, `main_table.csv`, `sweep_table.csv`, `tse_by_field.csv`, "
+                     "`runs*/*/*/records.jsonl`.")
+    return "\n".join(lines) + "\n"
+
+
+SECTIONS = {"main": lambda data: main_table(data["rows"]), "sweep": lambda data: sweep_table(data["sweep"]),
+            "tse-fields": lambda data: tse_field_table(data["tse_by_field"]),
+            "premise": lambda data: premise_table(data.get("premise", []))}
+"""Tables ``python -m eval.report FOLDER --print NAME`` prints from a report.json (for the README)."""
+
+__all__ = ["SECTIONS", "fmt_ci", "header", "main_table", "matched_note", "premise_table", "render",
+           "sweep_table", "tse_field_table"]

@@ -1,0 +1,30 @@
+"""The report's CSV files: flat rows for spreadsheets, pandas and R."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+TABLE_COLUMNS = ("condition", "kind", "top", "set", "neurons", "mode", "blimp_acc", "blimp_n", "blimp_delta",
+                 "blimp_ci_lo", "blimp_ci_hi", "blimp_p", "blimp_mde", "tse_acc", "tse_n", "tse_delta",
+                 "tse_ci_lo", "tse_ci_hi", "tse_p", "tse_mde", "ppl", "ppl_ratio", "ppl_tokens")
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: tuple[str, ...] = TABLE_COLUMNS) -> Path:
+    """Rows as flat CSV (a delta ``[d, lo, hi]`` as three columns) for spreadsheets and pandas."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            flat = {k: r.get(k) for k in columns}
+            for task in ("blimp", "tse"):
+                delta = r.get(f"{task}_delta")
+                if delta:
+                    flat[f"{task}_delta"], flat[f"{task}_ci_lo"], flat[f"{task}_ci_hi"] = delta
+            writer.writerow(flat)
+    return path
+
+
+TSE_FIELD_COLUMNS = ("condition", "metric", "field", "n", "acc_baseline", "acc", "delta", "ci_lo", "ci_hi", "p")
+PREMISE_COLUMNS = ("layer", "group", "neurons", "w1", "share_h_negative", "share_z_negative", "frac_h_negative")

@@ -1,0 +1,151 @@
+"""The reproduce report from a synthetic run folder, its numbers checked against an
+independent computation (numpy, scipy): accuracy, paired delta, McNemar p, the main
+conditions' full-BLiMP rows, TSE per field under both metrics, pending conditions, and
+the tables printed for the README."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from eval.report import write_report
+from eval.report.__main__ import main as report_main
+from eval.reproduce_config import ReproduceConfig, condition_sets
+from eval.tasks import (
+    PairResult,
+    PairRunSummary,
+    PerplexitySummary,
+    RunInfo,
+    WindowResult,
+    accuracy_rows,
+    write_pair_run,
+    write_ppl_run,
+)
+
+FIELDS = ("agreement", "reflexives", "npi")
+
+
+def _info(task: str) -> RunInfo:
+    return RunInfo(task=task, created="2026-11-30T00:00:00+00:00", server="test", model="m", base_model="m",
+                   neuron_set=None, set_via=None, tokenizer={}, echo_mode="test")
+
+
+def _pairs(out: Path, task: str, correct: np.ndarray, correct_sum: np.ndarray | None = None) -> None:
+    """A run of len(correct) pairs; BLiMP pairs in 5 paradigms, TSE pairs in the 3 fields."""
+    recs = []
+    sums = correct if correct_sum is None else correct_sum
+    for i, (c, cs) in enumerate(zip(correct.tolist(), sums.tolist(), strict=True)):
+        field = FIELDS[i % 3] if task == "tse" else "syntax"
+        paradigm = f"{field}_test" if task == "tse" else f"paradigm_{i % 5}"
+        recs.append(PairResult(
+            source=task, paradigm=paradigm, pair_id=i, phenomenon=f"ph{i % 5}" if task == "blimp" else field,
+            field=field, sentence_good="a", sentence_bad="b", logprob_good=-1.0, logprob_bad=-2.0,
+            n_tokens_good=1, n_tokens_bad=1, mean_logprob_good=-1.0, mean_logprob_bad=-2.0,
+            correct_sum=cs, correct_mean=c, correct=c, tie=False))
+    gk = ["phenomenon", "paradigm"] if task == "blimp" else ["field", "paradigm"]
+    write_pair_run(out, recs, PairRunSummary(
+        run=_info(task), metric="sum" if task == "blimp" else "mean", n_pairs=len(recs), n_ties=0,
+        group_keys=gk, accuracy=accuracy_rows(recs, gk, "correct"),
+        accuracy_sum=accuracy_rows(recs, gk, "correct_sum"), accuracy_mean=accuracy_rows(recs, gk, "correct_mean")))
+
+
+def _ppl(out: Path, nll: float) -> None:
+    write_ppl_run(out, [WindowResult(window_id=0, start=0, n_tokens=100, nll_sum=100 * nll)], PerplexitySummary(
+        run=_info("perplexity"), text_path="t", text_sha256="0", text_tokens=100, window=101, n_windows=1,
+        n_tokens=100, nll=nll, ppl=math.exp(nll), bits_per_token=nll / math.log(2)))
+
+
+def _set(disc: Path, name: str, per_layer: list[int]) -> None:
+    entries = [{"layer": i, "neurons": list(range(n)), "mode": "negative"} for i, n in enumerate(per_layer)]
+    (disc / "sets").mkdir(parents=True, exist_ok=True)
+    (disc / "sets" / f"{name}.json").write_text(json.dumps({"entries": entries}))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Baseline and Wasserstein-negative done (full BLiMP too), the rest of top 1% pending."""
+    cfg = ReproduceConfig(out=tmp_path, top=[1.0], blimp_per_paradigm=2, blimp_main_per_paradigm=4, n_boot=300)
+    (tmp_path / "config.json").write_text(cfg.model_dump_json())
+    disc = tmp_path / "discovery"
+    _set(disc, "wasserstein-top1", [3, 2])
+    rng = np.random.default_rng(0)
+    base = rng.random(400) < 0.8
+    ablated = base.copy()
+    ablated[rng.choice(400, 40, replace=False)] ^= True  # 40 discordant pairs
+    full_base = rng.random(2000) < 0.8
+    full_ablated = full_base & (rng.random(2000) < 0.9)  # only losses
+    tse_base = rng.random(300) < 0.9
+    tse_ablated = tse_base & (rng.random(300) < 0.8)
+    for label, blimp, full, tse, nll in (("baseline", base, full_base, tse_base, 3.0),
+                                         ("wasserstein-negative-top1", ablated, full_ablated, tse_ablated, 3.1)):
+        _pairs(tmp_path / "runs" / label / "blimp", "blimp", blimp)
+        _pairs(tmp_path / "runs-full" / label / "blimp", "blimp", full)
+        _pairs(tmp_path / "runs" / label / "tse", "tse", tse, correct_sum=~tse)
+        _ppl(tmp_path / "runs" / label / "perplexity", nll)
+    return cfg, disc, {"base": base, "ablated": ablated, "full_base": full_base, "full_ablated": full_ablated,
+                       "tse_base": tse_base, "tse_ablated": tse_ablated}
+
+
+def _mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Edwards-corrected chi-square (>= 25 discordant pairs), else exact binomial."""
+    b01, b10 = int((~a & b).sum()), int((a & ~b).sum())
+    if b01 + b10 < 25:
+        return float(sps.binomtest(b01, b01 + b10, 0.5).pvalue)
+    return float(sps.chi2.sf(max(abs(b01 - b10) - 1, 0) ** 2 / (b01 + b10), 1))
+
+
+def test_the_main_table_has_the_numbers_of_its_runs(folder, tmp_path):
+    cfg, disc, arr = folder
+    path = write_report(cfg, disc, condition_sets(cfg), tmp_path / "no-model")
+    report = json.loads((tmp_path / "report.json").read_text())
+    base_row, w_row = report["rows"]
+    # BLiMP comes from the full runs for the main conditions (2,000 pairs), TSE from runs/
+    assert base_row["blimp_n"] == w_row["blimp_n"] == 2000 and w_row["tse_n"] == 300
+    assert base_row["blimp_acc"] == pytest.approx(arr["full_base"].mean())
+    delta, lo, hi = w_row["blimp_delta"]
+    assert delta == pytest.approx(arr["full_ablated"].mean() - arr["full_base"].mean())
+    assert lo < delta < hi <= 0.0  # only losses: the whole CI below 0
+    assert w_row["blimp_p"] == pytest.approx(_mcnemar_p(arr["full_base"], arr["full_ablated"]), rel=1e-9)
+    assert w_row["tse_delta"][0] == pytest.approx(arr["tse_ablated"].mean() - arr["tse_base"].mean())
+    assert w_row["tse_p"] == pytest.approx(_mcnemar_p(arr["tse_base"], arr["tse_ablated"]), rel=1e-9)
+    assert w_row["ppl_ratio"] == pytest.approx(math.exp(0.1)) and w_row["neurons"] == 5
+    # the sweep row of the same condition uses the sweep's own 400 pairs
+    (sweep,) = report["sweep"]
+    assert sweep["blimp_n"] == 400
+    assert sweep["blimp_delta"][0] == pytest.approx(arr["ablated"].mean() - arr["base"].mean())
+    assert report["pending"] == [s.label for s in condition_sets(cfg)[2:]]
+    text = path.read_text()
+    assert "**Not finished yet**" in text and "random-negative-top1" in text
+    assert f"| wasserstein-negative-top1 | 5 | 2,000 | {arr['full_ablated'].mean() * 100:.1f} |" in text
+
+
+def test_tse_by_field_under_both_metrics(folder, tmp_path):
+    cfg, disc, arr = folder
+    write_report(cfg, disc, condition_sets(cfg), tmp_path / "no-model")
+    rows = json.loads((tmp_path / "report.json").read_text())["tse_by_field"]
+    fields = np.array([FIELDS[i % 3] for i in range(300)])
+    for metric, (a, b) in (("correct_mean", (arr["tse_base"], arr["tse_ablated"])),
+                           ("correct_sum", (~arr["tse_base"], ~arr["tse_ablated"]))):
+        for field in FIELDS:
+            (row,) = [r for r in rows if r["metric"] == metric and r["field"] == field]
+            m = fields == field
+            assert row["n"] == 100
+            assert row["delta"] == pytest.approx(b[m].mean() - a[m].mean())
+    csv_lines = (tmp_path / "tse_by_field.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("condition,metric,field,n") and len(csv_lines) == 1 + 2 * (3 + 1)
+
+
+def test_the_readme_tables_are_printed_from_report_json(folder, tmp_path, capsys):
+    cfg, disc, _ = folder
+    write_report(cfg, disc, condition_sets(cfg), tmp_path / "no-model")
+    report_main(tmp_path, "main")
+    printed = capsys.readouterr().out.splitlines()
+    table = [ln for ln in (tmp_path / "REPORT.md").read_text().splitlines() if ln.startswith("|")]
+    assert printed == table[:len(printed)] and len(printed) == 2 + 2  # header, rule, two conditions
+    with pytest.raises(Exception, match="use one of main"):
+        report_main(tmp_path, "everything")
