@@ -93,4 +93,5 @@ def rebuild(folder: Path) -> Path:
             model_dir = fetched_path(config.model) or model_dir
         except KeyError:  # neither a folder nor an embedded name (UnknownModelError; a folder since removed)
             pass
-    return write_report(config, folder / "discovery", condition_sets(config), model_dir)
+    elapsed = _json(folder / "timing.json").get("total_s")  # the run's wall time so far
+    return write_report(config, folder / "discovery", condition_sets(config), model_dir, elapsed_s=elapsed)
