@@ -110,30 +110,23 @@ def check_settings(cfg: ReproduceConfig) -> None:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise PreflightError(f"{path} cannot be read ({e}); use a new --out") from None
-    new = json.loads(cfg.model_dump_json())
-    changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(new)
-               if k not in _NOT_RESULT_SETTINGS and k in old and old[k] != new[k]]
-    added = [k for k in sorted(new) if k not in _NOT_RESULT_SETTINGS and k not in old]
+    new = _result_settings(cfg)
+    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in sorted(new.items()) if k in old and old[k] != v]
+    added = [k for k in sorted(new) if k not in old]
     if added:  # a folder from an older version, which did not record these settings
         changed.append(f"not recorded there: {', '.join(added)}")
     if changed:
         hint = next((f" (they are the {name} preset's: add --preset {name})" for name in PRESETS
-                     if _same_results(old, json.loads(cfg.model_copy(update=_preset_update(cfg, name))
-                                                       .model_dump_json()))), "")
+                     if all(old.get(k) == v for k, v in _result_settings(cfg.with_preset(name)).items())), "")
         raise PreflightError(
             f"{cfg.out_dir()} holds a run made with other settings ({'; '.join(changed)}); resuming "
             f"would mix its discovery, sets and results with this run's. Use a new --out, or "
             f"the folder's own settings (its config.json){hint} to resume it.")
 
 
-def _same_results(old: dict, new: dict) -> bool:
-    return all(old.get(k) == v for k, v in new.items() if k not in _NOT_RESULT_SETTINGS)
-
-
-def _preset_update(cfg: ReproduceConfig, preset: str) -> dict:
-    """``cfg`` with every preset-filled setting as ``preset`` fills it (the rest kept)."""
-    base = ReproduceConfig(preset=preset)
-    return {k: getattr(base, k) for k in PRESETS["powered"]} | {"preset": preset}
+def _result_settings(cfg: ReproduceConfig) -> dict[str, Any]:
+    """The settings that decide what a run computes, as config.json records them."""
+    return {k: v for k, v in json.loads(cfg.model_dump_json()).items() if k not in _NOT_RESULT_SETTINGS}
 
 
 def resolve_model(cfg: ReproduceConfig, logs: Path) -> Path:

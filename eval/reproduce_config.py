@@ -155,6 +155,12 @@ class ReproduceConfig(BaseModel):
         """Whether the main conditions get more BLiMP pairs than the sweep (their own runs)."""
         return self.blimp_main_per_paradigm > self.blimp_per_paradigm
 
+    def with_preset(self, preset: str) -> ReproduceConfig:
+        """This config with every setting a preset fills as ``preset`` fills it (the rest
+        kept): what the same command with ``--preset preset`` would have run."""
+        filled = ReproduceConfig(preset=preset)
+        return self.model_copy(update={k: getattr(filled, k) for k in POWERED} | {"preset": preset})
+
     def out_dir(self) -> Path:
         """``out``, or ``docs/results/<model name>`` for the powered preset (the published
         runs) and ``docs/results/standard/<model name>`` for the standard one (a model
