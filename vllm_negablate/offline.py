@@ -15,11 +15,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from vllm_negablate.executors import ENV_CPU_BIND
 from vllm_negablate.neuron_set import NeuronSet, NeuronSetError
 from vllm_negablate.runtime import NEURON_SET_KEY
 
-
-ENV_CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 def bind_worker_to_all_cores() -> None:

@@ -51,7 +51,7 @@ Public vLLM imports (allowed anywhere)::
 
 Private vLLM modules imported here (module: names used)::
 
-    vllm.distributed: get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+    vllm.distributed: get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
     vllm.engine.arg_utils: EngineArgs
     vllm.entrypoints.launchers.api_server.app_state: init_app_state
     vllm.entrypoints.launchers.api_server.entry: build_async_engine_client
@@ -65,17 +65,18 @@ Private vLLM modules imported here (module: names used)::
     vllm.ir: ops
     vllm.logger: configure_logging_from_args
     vllm.model_executor.model_loader.base_loader: BaseModelLoader
-    vllm.platforms: current_platform
+    vllm.platforms: cpu_platform_plugin, current_platform
     vllm.utils.argparse_utils: FlexibleArgumentParser
     vllm.v1.engine.core: EngineCore
     vllm.v1.outputs: LogprobsTensors
+    vllm.v1.worker.cpu_model_runner: CPUModelRunner
     vllm.v1.worker.gpu_model_runner: GPUModelRunner
 
 Private vLLM attributes, distinctive names (any use elsewhere fails the test)::
 
     LLM.llm_engine                         the offline engine behind vllm.LLM
     LLMEngine.engine_core                  its engine-core client (shutdown)
-    EngineArgs.create_engine_config        patched: default worker_extension_cls
+    EngineArgs.create_engine_config        patched: default worker_extension_cls, Ray-on-CPU env
     EngineArgs.worker_extension_cls
     EngineCore.add_request                 patched: pin the set, salt the cache key
     GPUModelRunner._update_states          patched: pin new requests, build the step plan
@@ -114,6 +115,12 @@ Private vLLM attributes, distinctive names (any use elsewhere fails the test)::
     OpenAIServingModels.show_available_models
     OpenAIServingModels.is_base_model
     OpenAIServingModels.base_model_paths
+    CPUModelRunner.initialize_kv_cache     patched: allocate the PP receive buffer
+    GPUModelRunner.intermediate_tensors    PP ranks > 0: the receive buffer
+    VllmModel.make_empty_intermediate_tensors
+    GroupCoordinator.is_first_rank
+    Platform.ray_device_key                "GPU" on the Ray-on-CPU platform
+    ParallelConfig.ray_runtime_env         forwards NEGABLATE_RAY_ON_CPU to Ray actors
 
 Private vLLM attributes, shared names (``LLM.collective_rpc`` is public,
 pydantic models have a ``model_config``, ...: not scanned for)::
@@ -139,6 +146,11 @@ pydantic models have a ``model_config``, ...: not scanned for)::
     Request.request_id
     BaseModelPath.name
     BaseModelPath.model_path
+    GPUModelRunner.max_num_tokens
+    GPUModelRunner.model_config
+    GPUModelRunner.device
+    VllmConfig.parallel_config
+    ParallelConfig.distributed_executor_backend
 
 The patches
 -----------
@@ -157,7 +169,15 @@ name that moved.
 * ``EngineCore.add_request`` / ``EngineCore.collective_rpc`` (engine core):
   pin each request's set and salt its prefix-cache key (see engine_hooks).
 * ``EngineArgs.create_engine_config`` (front end): default
-  ``worker_extension_cls`` to ours so plain ``vllm serve`` gets the RPCs.
+  ``worker_extension_cls`` to ours so plain ``vllm serve`` gets the RPCs; under
+  Ray with ``NEGABLATE_RAY_ON_CPU`` set, forward that variable to the Ray actors
+  (:func:`forward_ray_on_cpu`).
+* ``CPUModelRunner.initialize_kv_cache`` (CPU worker): allocate the pipeline
+  receive buffer that eager CPU workers never get (:func:`allocate_pp_receive_buffer`).
+
+One more hook is not a patch: the Ray-on-CPU platform (:func:`ray_cpu_platform_qualname`,
+named by the ``vllm.platform_plugins`` entry point in :mod:`vllm_negablate.ray_platform`)
+is a subclass of vLLM's CPU platform built on first use (module ``__getattr__``).
 
 After the patches come the small functions the rest of the project calls
 instead of reaching into vLLM: the offline engine (:func:`engine_model_path`,
@@ -169,13 +189,22 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vllm_negablate.engine_hooks import EngineCoreMirror, UnknownNeuronSetError, pin_set
+from vllm_negablate.executors import RAY_ON_CPU_ENV, ray_on_cpu_requested
 from vllm_negablate.settings import get_settings
+
+if TYPE_CHECKING:  # imported where used: see the note below
+    from vllm_negablate.engine_hooks import EngineCoreMirror
+
+# Imports of this module stay light (no torch op, no vLLM): with NEGABLATE_RAY_ON_CPU
+# set, vLLM imports it *while it resolves its platform* (ray_cpu_platform_qualname), and
+# engine_hooks -> runtime -> ops registers a custom op, which asks vLLM for that same
+# platform: a nested resolution that would pick the plain CPU platform.
 
 logger = logging.getLogger("vllm_negablate")
 
@@ -186,6 +215,8 @@ _PATCHED_ATTR = "_negablate_patched"
 
 def engine_mirror(engine_core: Any) -> EngineCoreMirror:
     """The mirror of one engine core (one per instance: tests start several engines)."""
+    from vllm_negablate.engine_hooks import EngineCoreMirror
+
     mirror = engine_core.__dict__.get("_negablate_mirror")
     if mirror is None:
         mirror = engine_core.__dict__["_negablate_mirror"] = EngineCoreMirror()
@@ -219,16 +250,91 @@ def patch_engine_args() -> None:
                     "worker_extension_cls=%s is set; neuron-set RPCs (%s) are unavailable",
                     self.worker_extension_cls, WORKER_EXTENSION,
                 )
-            return original(self, *args, **kwargs)
+            config = original(self, *args, **kwargs)
+            forward_ray_on_cpu(config)
+            return config
 
         return create_engine_config
 
     _patch(EngineArgs, "create_engine_config", make)
 
 
+def forward_ray_on_cpu(vllm_config: Any) -> bool:
+    """Under Ray with ``NEGABLATE_RAY_ON_CPU`` set: put it in the Ray runtime env of the engine.
+
+    The Ray actors resolve vLLM's platform while they import vLLM, so the variable
+    must be in their environment when they start. A node started by
+    :func:`vllm_negablate.executors.local_ray_cpu_node` has it already; a cluster the
+    user started (``ray start``) on another shell or machine does not. vLLM starts the
+    engine's Ray job and its actors with ``parallel_config.ray_runtime_env``
+    (``ray_utils.initialize_ray_cluster``, ``RayExecutorV2._build_runtime_env``), so
+    its ``env_vars`` reach every actor before it imports anything. Returns whether it
+    changed the config.
+    """
+    parallel = vllm_config.parallel_config
+    if parallel.distributed_executor_backend != "ray" or not ray_on_cpu_requested():
+        return False
+    import copy
+
+    from ray.runtime_env import RuntimeEnv
+
+    runtime_env = copy.deepcopy(parallel.ray_runtime_env) if parallel.ray_runtime_env else RuntimeEnv()
+    runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}),
+                               RAY_ON_CPU_ENV: os.environ[RAY_ON_CPU_ENV]}
+    parallel.ray_runtime_env = runtime_env
+    return True
+
+
+# ----------------------------------------------------- Ray on the CPU platform
+RAY_CPU_PLATFORM = "RayCpuPlatform"
+
+
+def ray_cpu_platform_qualname() -> str | None:
+    """The Ray-on-CPU platform's qualname if vLLM's own detection picks a CPU platform, else None.
+
+    Called by :func:`vllm_negablate.ray_platform.register` inside vLLM's platform
+    resolution (so it must not touch ``current_platform``). vLLM lets an out-of-tree
+    platform plugin win over the builtin one it would pick; None leaves vLLM's choice
+    alone (a GPU machine stays on its GPU platform).
+    """
+    from vllm.platforms import cpu_platform_plugin
+
+    if cpu_platform_plugin() is None:
+        return None
+    return f"{__name__}.{RAY_CPU_PLATFORM}"
+
+
+@functools.cache
+def _ray_cpu_platform() -> type:
+    """vLLM's detected CPU platform class (``CpuPlatform``, or ``ZenCpuPlatform`` on AMD
+    with zentorch) with ``ray_device_key = "GPU"``: vLLM's Ray executors then accept the
+    CPU platform and place one actor per (fake) Ray GPU; nothing else changes."""
+    import importlib
+
+    from vllm.platforms import cpu_platform_plugin
+
+    module, _, name = (cpu_platform_plugin() or "vllm.platforms.cpu.CpuPlatform").rpartition(".")
+    base = getattr(importlib.import_module(module), name)
+    return type(RAY_CPU_PLATFORM, (base,), {
+        "__module__": __name__, "__qualname__": RAY_CPU_PLATFORM,
+        "__doc__": f"{base.__name__} that vLLM's Ray executors accept (NEGABLATE_RAY_ON_CPU=1).",
+        "ray_device_key": "GPU",
+    })
+
+
+def __getattr__(name: str) -> Any:
+    """``RayCpuPlatform`` on first use (PEP 562), so importing the adapter does not import
+    vLLM's platform modules; vLLM finds the class by qualname, Ray's pickle by name too."""
+    if name == RAY_CPU_PLATFORM:
+        return _ray_cpu_platform()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # --------------------------------------------------------------- engine core
 def patch_engine_core() -> None:
     from vllm.v1.engine.core import EngineCore
+
+    from vllm_negablate.engine_hooks import UnknownNeuronSetError
 
     def make_rpc(original):
         def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
@@ -273,6 +379,8 @@ def pin_request(request: Any, mirror: EngineCoreMirror) -> str | None:
     salt. Returns the set name (None: no ablation); raises
     :class:`~vllm_negablate.engine_hooks.UnknownNeuronSetError`.
     """
+    from vllm_negablate.engine_hooks import pin_set
+
     salt = request.cache_salt
     name = pin_set(request, mirror)
     if request.cache_salt != salt:
@@ -600,6 +708,47 @@ def install_cpu_norm_kernel() -> None:
     platform.get_default_ir_op_priority = staticmethod(get_default_ir_op_priority)
 
 
+def patch_cpu_pipeline_receive_buffer() -> None:
+    """Eager CPU workers on pipeline ranks > 0: allocate the buffer they receive into.
+
+    ``GPUModelRunner.intermediate_tensors`` (the hidden states and residual a PP rank
+    receives from the previous stage) is allocated in one place only, ``_dummy_run``.
+    GPU workers always run it (memory profiling, warm-up, graph capture); vLLM 0.32's
+    CPU worker does not in eager mode: ``CPUWorker._should_warm_up_model`` is False
+    with ``enforce_eager`` and an explicit KV-cache size, and
+    ``CPUModelRunner.warming_up_model`` returns at once under ``CompilationMode.NONE``.
+    So the first real step of PP rank 1 dies on ``assert self.intermediate_tensors is
+    not None`` (``sync_and_gather_intermediate_tensors``) and the engine with it,
+    under ``mp`` and Ray alike, plugin or not (no upstream issue found). After
+    ``initialize_kv_cache`` this allocates the buffer exactly as ``_dummy_run`` would;
+    the CPU platform only, and a no-op on the first rank or when it exists.
+    """
+    if not is_cpu_platform():
+        return
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    def make(original):
+        def initialize_kv_cache(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            allocate_pp_receive_buffer(self)
+            return result
+
+        return initialize_kv_cache
+
+    _patch(CPUModelRunner, "initialize_kv_cache", make)
+
+
+def allocate_pp_receive_buffer(runner: Any) -> bool:
+    """Give a PP rank > 0 its receive buffer if it has none; returns whether it allocated."""
+    from vllm.distributed import get_pp_group
+
+    if getattr(runner, "intermediate_tensors", None) is not None or get_pp_group().is_first_rank:
+        return False
+    runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+        batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
+    return True
+
+
 def install() -> None:
     """Apply the process-wide patches (idempotent; safe in every vLLM process)."""
     patch_engine_args()
@@ -607,6 +756,7 @@ def install() -> None:
     patch_model_loader()
     patch_prompt_logprobs()
     install_cpu_norm_kernel()
+    patch_cpu_pipeline_receive_buffer()
 
 
 # ------------------------------------------------------------ offline engine
