@@ -196,6 +196,8 @@ KINDS = [
      "lowest-W1 neurons (the reference's `bottom`), count matched to the Wasserstein perplexity"),
 ]
 MAIN_ONLY_KINDS = frozenset({"wasserstein-positive"})
+# what the Wasserstein-negative set is compared with head to head (the paper's controls)
+CONTROL_KINDS = ("random-negative", "perplexity-matched-negative", "perplexity-matched-bottom-negative")
 LM_TASK_KINDS = ("wasserstein-negative", "perplexity-matched-negative", "perplexity-matched-bottom-negative")
 FULL_BLIMP_KINDS = frozenset({BASELINE, "wasserstein-negative", "random-negative",
                               "perplexity-matched-bottom-negative"})

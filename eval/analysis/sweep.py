@@ -40,6 +40,7 @@ from vllm_negablate import defaults
 from vllm_negablate.neuron_set import NO_ABLATION, NeuronSet
 
 from eval.data import default_data_dir, load_blimp, load_tse, load_tse_ml, load_wikitext_text, stratified_subsample
+from eval.progress_log import ProgressLog
 
 console = Console(stderr=True)
 
@@ -267,8 +268,8 @@ def evaluate_conditions(
 
     The one evaluation loop of reproduce and the analyses.
 
-    Sequences are first scored in chunks (a rich progress bar per step; results land
-    in the cache), then :func:`eval.tasks.evaluate_pairs` / ``evaluate_perplexity``
+    Sequences are first scored in chunks (a rich progress bar per step, or plain lines
+    every minute when the output is a log file; results land in the cache), then :func:`eval.tasks.evaluate_pairs` / ``evaluate_perplexity``
     build the run files from the cache, so the files are exactly what ``negablate
     eval`` would write.
     """
@@ -288,6 +289,7 @@ def evaluate_conditions(
     cache.parent.mkdir(parents=True, exist_ok=True)
     pair_seqs: dict[str, list[list[int]]] = {}
     ppl_seqs: list[list[int]] | None = None
+    log = ProgressLog(console)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         overall = progress.add_task(f"[bold]{title or 'conditions'}[/bold]", total=len(todo))
@@ -309,11 +311,14 @@ def evaluate_conditions(
                         ppl_seqs = [w for _, w in wins[: settings.ppl_windows]]
                     seqs = ppl_seqs
                 step = progress.add_task(f"  {cond.label}: {task}", total=len(seqs))
+                log.start(f"{cond.label}: {task}", len(seqs))
                 t0 = time.perf_counter()
                 for i in range(0, len(seqs), PRESCORE_CHUNK):
                     chunk = seqs[i : i + PRESCORE_CHUNK]
                     scorer.score_ids(chunk)
                     progress.advance(step, len(chunk))
+                    log.advance(len(chunk))
+                log.finish()
                 out = runs_dir / cond.label / task
                 if task != "perplexity":
                     options = (blimp_options if task == "blimp" else tse_options)(cond, settings)

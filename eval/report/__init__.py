@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from eval.report import figures
-from eval.report.collect import collect, matched_controls, premise_statistics
+from eval.report.collect import collect, head_to_head, matched_controls, premise_statistics
 from eval.report.markdown import header, render
-from eval.report.tables import PREMISE_COLUMNS, TSE_FIELD_COLUMNS, write_csv
+from eval.report.tables import HEAD_TO_HEAD_COLUMNS, PREMISE_COLUMNS, TSE_FIELD_COLUMNS, write_csv
 from eval.reproduce_config import BASELINE, ConditionSpec
 
 __all__ = ["rebuild", "write_report"]
@@ -49,6 +49,7 @@ def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Pa
     out = cfg.out_dir()
     data = collect(out, disc, specs, cfg.n_boot, cfg.seed)
     data["matched"] = matched_controls(disc, specs)
+    data["head_to_head"] = head_to_head(out, specs, cfg.n_boot, cfg.seed)
     data["premise"] = premise_statistics(disc, cfg.main_top)
     discovery = _json(disc / "stats.json")
     model_meta = _json(model_dir / "negablate_model.json")
@@ -70,6 +71,7 @@ def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Pa
     write_csv(data["rows"], out / "main_table.csv")
     write_csv(data["sweep"], out / "sweep_table.csv")
     write_csv(data["tse_by_field"], out / "tse_by_field.csv", TSE_FIELD_COLUMNS)
+    write_csv(data["head_to_head"], out / "head_to_head.csv", HEAD_TO_HEAD_COLUMNS)
     if data["premise"]:
         write_csv(data["premise"], out / "premise.csv", PREMISE_COLUMNS)
     full_n = next((r.get("blimp_n") for r in data["rows"] if r["condition"] == BASELINE), None)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.reproduce_config import BASELINE, ConditionSpec
+from eval.reproduce_config import BASELINE, CONTROL_KINDS, ConditionSpec
 from eval.stats import compare_runs
 from eval.tasks import load_records, load_summary
 
@@ -107,6 +107,47 @@ def collect(out: Path, disc: Path, specs: list[ConditionSpec], n_boot: int, seed
     tse_fields = tse_by_field(runs, specs, n_boot, seed) if _done(runs, BASELINE, "tse") else []
     return {"rows": rows, "sweep": sweep, "phenomena": phenomena, "tse_by_field": tse_fields,
             "pending": pending}
+
+
+def head_to_head(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """The paper's claim itself: the Wasserstein-negative set against each control at the
+    same p, pair by pair (``diff`` = its accuracy minus the control's; below 0: it hurts
+    more). Each delta against the baseline says what an ablation does; only this
+    difference says whether the Wasserstein set does *more* than a control, and two CIs
+    that each exclude 0 do not answer that.
+
+    BLiMP from ``runs-full/`` where both conditions have a full run, else ``runs/``; TSE
+    from ``runs/``. ``verdict``: ``wasserstein hurts more`` (CI below 0), ``control hurts
+    more`` (CI above 0), else ``no difference detected``; ``mde`` says how large a
+    difference these pairs would have detected.
+    """
+    runs, full = out / "runs", out / "runs-full"
+    rows = []
+    by_key = {(s.kind, s.top): s for s in specs}
+    for spec in specs:
+        if spec.kind != "wasserstein-negative":
+            continue
+        for kind in CONTROL_KINDS:
+            control = by_key.get((kind, spec.top))
+            if control is None:
+                continue
+            for task in ("blimp", "tse"):
+                folder = next((f for f in ((full, runs) if task == "blimp" else (runs,))
+                               if all((f / c.label / task / "summary.json").is_file() for c in (spec, control))),
+                              None)
+                if folder is None:
+                    continue
+                (overall,) = [r for r in compare_runs(
+                    load_records(folder / control.label / task), load_records(folder / spec.label / task),
+                    group_keys=(), n_boot=n_boot, seed=seed) if r.level == "overall"]
+                verdict = ("wasserstein hurts more" if overall.ci_hi < 0 else
+                           "control hurts more" if overall.ci_lo > 0 else "no difference detected")
+                rows.append({"top": spec.top, "control": control.label, "control_kind": kind, "task": task,
+                             "source": folder.name, "n": overall.n, "acc_wasserstein": overall.acc_b,
+                             "acc_control": overall.acc_a, "diff": overall.delta, "ci_lo": overall.ci_lo,
+                             "ci_hi": overall.ci_hi, "p": overall.p_value, "mde": overall.mde,
+                             "verdict": verdict})
+    return rows
 
 
 def _done(runs: Path, label: str, task: str) -> bool:

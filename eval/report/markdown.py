@@ -86,7 +86,8 @@ def matched_note(matched: list[dict[str, Any]]) -> list[str]:
         base, tol = m.get("baseline_perplexity"), m.get("tolerance")
         lines.append(
             f"{m['condition']}: perplexity {m['perplexity']:.2f} against the Wasserstein set's "
-            f"{m['target_perplexity']:.2f}" + (f" (unablated {base:.2f})" if base else "")
+            f"{m['target_perplexity']:.2f} ({m['perplexity'] / m['target_perplexity'] - 1:+.2%})"
+            + (f" (unablated {base:.2f})" if base else "")
             + f" on {m.get('eval_tokens') or '?'} held-out tokens"
             + (f", tolerance {tol:.2%}" if tol is not None else "")
             + (f" ({m['tolerance_effect']:g} of the set's effect)" if m.get("tolerance_effect") else "")
@@ -115,6 +116,21 @@ def tse_field_table(tse_by_field: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def head_to_head_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The Wasserstein-negative set against each control at the same p, pair by pair."""
+    if not rows:
+        return []
+    lines = ["| p | control | test | pairs | acc Wasserstein-negative | acc control | difference [95% CI] | p | MDE "
+             "| verdict |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["top"], r["control_kind"], r["task"])):
+        task = {"blimp": "BLiMP", "tse": "TSE"}[r["task"]]
+        verdict = f"**{r['verdict']}**" if r["verdict"] != "no difference detected" else r["verdict"]
+        lines.append(f"| {r['top']:g}% | {r['control_kind']} | {task} | {r['n']:,} | {100 * r['acc_wasserstein']:.1f} "
+                     f"| {100 * r['acc_control']:.1f} | {fmt_ci(r['diff'], r['ci_lo'], r['ci_hi'])} | "
+                     f"{r['p']:.2g} | {100 * r['mde']:.1f} | {verdict} |")
+    return lines
+
+
 def premise_table(premise: list[dict[str, Any]]) -> list[str]:
     """Wasserstein vs other neurons over all layers (empty without the statistic)."""
     overall = {r["group"]: r for r in premise if r["layer"] == "all"}
@@ -137,6 +153,16 @@ def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, A
     if data["pending"]:
         lines += ["", f"**Not finished yet** (rerun the command to resume): {', '.join(data['pending'])}."]
     lines += matched_note(data.get("matched", []))
+    h2h = head_to_head_table(data.get("head_to_head", []))
+    if h2h:
+        lines += ["", "## Head to head: the Wasserstein set against each control", "",
+                  "The paper's claim is comparative: the Wasserstein neurons' negative side matters "
+                  "*more* than random neurons of the same count and than the many more neurons it "
+                  "takes to cost the same perplexity. Each row compares the two conditions on the "
+                  "same pairs (difference = Wasserstein-negative accuracy minus the control's, in "
+                  "points; below 0: the Wasserstein ablation hurts more), with a paired bootstrap CI, "
+                  "McNemar p between the two, and the MDE of that comparison (`head_to_head.csv`).",
+                  "", *h2h]
     if len(cfg.top) > 1:
         lines += ["", "## Top-p sweep", "",
                   f"Every condition on the same {cfg.blimp_per_paradigm} BLiMP pairs per paradigm and "
@@ -163,15 +189,16 @@ def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, A
     lines += extra_sections
     if elapsed_s is not None:
         lines.append(f"Total time: {elapsed_s / 60:.1f} min over all invocations (`timing.json`). Files: "
-                     "`report.json`, `main_table.csv`, `sweep_table.csv`, `tse_by_field.csv`, "
+                     "`report.json`, `main_table.csv`, `head_to_head.csv`, `sweep_table.csv`, `tse_by_field.csv`, "
                      "`runs*/*/*/records.jsonl`.")
     return "\n".join(lines) + "\n"
 
 
 SECTIONS = {"main": lambda data: main_table(data["rows"]), "sweep": lambda data: sweep_table(data["sweep"]),
             "tse-fields": lambda data: tse_field_table(data["tse_by_field"]),
-            "premise": lambda data: premise_table(data.get("premise", []))}
+            "premise": lambda data: premise_table(data.get("premise", [])),
+            "head-to-head": lambda data: head_to_head_table(data.get("head_to_head", []))}
 """Tables ``python -m eval.report FOLDER --print NAME`` prints from a report.json (for the README)."""
 
-__all__ = ["SECTIONS", "fmt_ci", "header", "main_table", "matched_note", "premise_table", "render",
+__all__ = ["SECTIONS", "fmt_ci", "head_to_head_table", "header", "main_table", "matched_note", "premise_table", "render",
            "sweep_table", "tse_field_table"]

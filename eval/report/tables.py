@@ -28,3 +28,5 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns: tuple[str, ...] =
 
 TSE_FIELD_COLUMNS = ("condition", "metric", "field", "n", "acc_baseline", "acc", "delta", "ci_lo", "ci_hi", "p")
 PREMISE_COLUMNS = ("layer", "group", "neurons", "w1", "share_h_negative", "share_z_negative", "frac_h_negative")
+HEAD_TO_HEAD_COLUMNS = ("top", "control", "control_kind", "task", "source", "n", "acc_wasserstein", "acc_control",
+                        "diff", "ci_lo", "ci_hi", "p", "mde", "verdict")

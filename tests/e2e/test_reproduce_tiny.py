@@ -101,6 +101,19 @@ def test_table_numbers_come_from_the_records(run):
     t = next(t for t in by_field if t["condition"] == "wasserstein-negative-top10" and t["metric"] == "correct_sum")
     recs = [r for r in load_records(cfg.out / "runs" / t["condition"] / "tse") if r["field"] == t["field"]]
     assert t["n"] == len(recs) and t["acc"] == pytest.approx(sum(r["correct_sum"] for r in recs) / len(recs))
+    # head to head: the Wasserstein set against each control at each p, from both records
+    h2h = report["head_to_head"]
+    assert len(h2h) == 2 * 3 * 2  # p x controls x tests
+    for h in h2h:
+        p = f"{h['top']:g}"
+        folder = cfg.out / h["source"]
+        assert h["source"] == ("runs-full" if (h["task"] == "blimp" and p == "10"
+                                              and h["control_kind"] != "perplexity-matched-negative") else "runs")
+        w = load_records(folder / f"wasserstein-negative-top{p}" / h["task"])
+        c = load_records(folder / h["control"] / h["task"])
+        assert h["n"] == len(w) == len(c)
+        assert h["diff"] == pytest.approx(sum(r["correct"] for r in w) / len(w) - sum(r["correct"] for r in c) / len(c),
+                                          abs=1e-12)
     # the CSVs other tools read have the same numbers
     for name, rows in (("main_table.csv", report["rows"]), ("sweep_table.csv", report["sweep"])):
         with open(cfg.out / name) as fh:

@@ -400,6 +400,48 @@ def test_log_scale_search_from_the_wasserstein_size():
     assert not res.converged and res.reason == "max_iter" and res.iterations == 3
 
 
+# The standard preset's random-pool search on SmolLM2-135M (top 1%, 8,192 tokens): the
+# (fraction, perplexity) points it measured, a monotone curve with a jump between 0.124
+# and 0.130. Halving the bracket spent its 8 calls and stopped 1.2% above the target.
+_RECORDED = [(0.010526, 31.1749), (0.042105, 31.7844), (0.084211, 32.2188), (0.119101, 33.4093),
+             (0.124364, 33.4937), (0.129868, 34.6586), (0.141623, 35.2175), (0.168421, 36.0975)]
+
+
+def _recorded_ppl(f):
+    """Piecewise linear in log fraction through the recorded points."""
+    xs, ys = np.log([a for a, _ in _RECORDED]), [b for _, b in _RECORDED]
+    return float(np.interp(np.log(f), xs, ys))
+
+
+def test_interpolation_matches_where_halving_ran_out():
+    n, target = 45_600, 34.2559
+    calls = []
+    res = perplexity_matched(lambda f: calls.append(f) or _recorded_ppl(f), target, n, tol=0.01,
+                             max_iter=8, start_frac=480 / n)
+    assert res.converged and abs(res.perplexity - target) <= 0.01 * target
+    assert 0.1264 < res.fraction < 0.1297  # where the curve crosses the tolerance band
+    assert calls[:3] == [round(480 / n * n) / n, round(4 * 480) / n, round(16 * 480) / n]
+    assert res.iterations <= 8 and res.iterations == len(calls)
+    # each interpolated step stays inside the bracket of the steps before it
+    lo, hi = calls[1], calls[2]
+    for f in calls[3:]:
+        assert lo < f < hi
+        lo, hi = (f, hi) if _recorded_ppl(f) < target else (lo, f)
+
+
+def test_interpolation_on_a_log_linear_curve_takes_two_steps():
+    # perplexity exactly log-linear in log f: false position hits the root at once
+    n = 100_000
+
+    def ppl(f):
+        return 30.0 * (f / 0.01) ** 0.05
+
+    target = ppl(0.05)
+    res = perplexity_matched(ppl, target, n, tol=1e-4, max_iter=20, start_frac=0.01)
+    assert res.converged and abs(res.fraction - 0.05) < 2e-4
+    assert res.iterations == 4  # 0.01, 0.04 (below), 0.16 (above), then the root
+
+
 def test_windows_and_corpus(tmp_path):
     p = tmp_path / "c.txt"
     p.write_text(" \n = A = \n \n b c \n")

@@ -149,3 +149,49 @@ def test_the_readme_tables_are_printed_from_report_json(folder, tmp_path, capsys
     assert printed == table[:len(printed)] and len(printed) == 2 + 2  # header, rule, two conditions
     with pytest.raises(Exception, match="use one of main"):
         report_main(tmp_path, "everything")
+
+
+def test_head_to_head_compares_the_wasserstein_set_with_each_control(folder, tmp_path, capsys):
+    cfg, disc, arr = folder
+    rng = np.random.default_rng(1)
+    # random-negative: full BLiMP too, and it hurts less than the Wasserstein set;
+    # perplexity-matched: runs/ only (never full), on TSE it hurts more than the Wasserstein set
+    random_full = arr["full_base"] & (rng.random(2000) < 0.99)
+    random_sub = arr["base"].copy()
+    matched_sub = arr["ablated"].copy()
+    matched_sub[rng.choice(400, 10, replace=False)] ^= True
+    matched_tse = arr["tse_ablated"] & (rng.random(300) < 0.7)
+    for label, blimp, full, tse in (("random-negative-top1", random_sub, random_full, arr["tse_base"]),
+                                    ("perplexity-matched-negative-top1", matched_sub, None, matched_tse)):
+        _pairs(tmp_path / "runs" / label / "blimp", "blimp", blimp)
+        if full is not None:
+            _pairs(tmp_path / "runs-full" / label / "blimp", "blimp", full)
+        _pairs(tmp_path / "runs" / label / "tse", "tse", tse)
+    write_report(cfg, disc, condition_sets(cfg), tmp_path / "no-model")
+    rows = {(r["control_kind"], r["task"]): r for r in json.loads((tmp_path / "report.json").read_text())["head_to_head"]}
+    assert set(rows) == {("random-negative", "blimp"), ("random-negative", "tse"),
+                         ("perplexity-matched-negative", "blimp"), ("perplexity-matched-negative", "tse")}
+    expected = {  # (Wasserstein-negative, control, folder) per row
+        ("random-negative", "blimp"): (arr["full_ablated"], random_full, "runs-full"),
+        ("random-negative", "tse"): (arr["tse_ablated"], arr["tse_base"], "runs"),
+        ("perplexity-matched-negative", "blimp"): (arr["ablated"], matched_sub, "runs"),
+        ("perplexity-matched-negative", "tse"): (arr["tse_ablated"], matched_tse, "runs"),
+    }
+    for key, (w, c, source) in expected.items():
+        r = rows[key]
+        assert r["source"] == source and r["n"] == w.size
+        assert r["diff"] == pytest.approx(w.mean() - c.mean())
+        assert r["ci_lo"] <= r["diff"] <= r["ci_hi"]
+        assert r["p"] == pytest.approx(_mcnemar_p(c, w), rel=1e-9)
+        want = ("wasserstein hurts more" if r["ci_hi"] < 0 else "control hurts more" if r["ci_lo"] > 0
+                else "no difference detected")
+        assert r["verdict"] == want
+    # the synthetic effects are large enough to be called both ways
+    assert rows[("random-negative", "blimp")]["verdict"] == "wasserstein hurts more"
+    assert rows[("perplexity-matched-negative", "tse")]["verdict"] == "control hurts more"
+    csv_lines = (tmp_path / "head_to_head.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("top,control,control_kind,task,source,n") and len(csv_lines) == 5
+    report_main(tmp_path, "head-to-head")
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 + 4 and "| 1% | random-negative | BLiMP | 2,000 |" in printed[4]
+    assert "## Head to head" in (tmp_path / "REPORT.md").read_text()
