@@ -54,6 +54,7 @@ def perplexity_matched(
     relative: bool = True,
     progress: Callable[[int, float, float], None] | None = None,
     start_frac: float | None = None,
+    interpolate: bool = True,
 ) -> MatchResult:
     """Search the fraction ``f`` of candidates until ``score_fn(f)`` hits the target: bracket
     it, then narrow the bracket by interpolation (:func:`_narrow`).
@@ -73,6 +74,8 @@ def perplexity_matched(
     snapped to it). The bracket is checked first:
     ``score_fn(hi_frac)`` (the target may be out of reach), then ``score_fn(lo_frac)``.
     Returns the best point seen, ``converged`` saying whether it is within ``tol``.
+    ``interpolate=False`` halves the bracket instead (the search before interpolation;
+    ``bench/matching_search.py`` compares the two).
     """
     if not 0.0 <= lo_frac < hi_frac:
         raise ValueError(f"need 0 <= lo_frac < hi_frac, got {lo_frac}, {hi_frac}")
@@ -106,7 +109,7 @@ def perplexity_matched(
 
     if start_frac is not None:
         return _search_from_start(start_frac, lo_frac, hi_frac, target, limit, max_iter, n_res,
-                                  snap, evaluate, result, history)
+                                  snap, evaluate, result, history, interpolate)
     lo, hi = snap(lo_frac), snap(hi_frac)
     p_hi = evaluate(hi)
     if abs(p_hi - target) <= limit:
@@ -120,11 +123,12 @@ def perplexity_matched(
         return result(True, "lo_frac within tolerance")
     if p_lo > target:
         return result(False, f"already above target at fraction {lo:.4g} ({p_lo:.4g})")
-    return _narrow(lo, hi, target, limit, max_iter, snap, evaluate, result, history, geometric=False)
+    return _narrow(lo, hi, target, limit, max_iter, snap, evaluate, result, history, geometric=False,
+                   interpolate=interpolate)
 
 
 def _search_from_start(start_frac, lo_frac, hi_frac, target, limit, max_iter, n_res, snap,
-                       evaluate, result, history, growth: float = 4.0) -> MatchResult:
+                       evaluate, result, history, interpolate: bool, growth: float = 4.0) -> MatchResult:
     """The log-scale search of :func:`perplexity_matched` (see there).
 
     ``lo_frac`` is taken to be below the target without evaluating it (the target is an
@@ -153,24 +157,27 @@ def _search_from_start(start_frac, lo_frac, hi_frac, target, limit, max_iter, n_
             f = snap(max(smallest, f / growth))
         if len(history) >= max_iter:
             return result(False, "max_iter")
-    return _narrow(lo, hi, target, limit, max_iter, snap, evaluate, result, history, geometric=True)
+    return _narrow(lo, hi, target, limit, max_iter, snap, evaluate, result, history, geometric=True,
+                   interpolate=interpolate)
 
 
 def _narrow(lo, hi, target, limit, max_iter, snap, evaluate, result, history,
-            geometric: bool) -> MatchResult:
+            geometric: bool, interpolate: bool = True) -> MatchResult:
     """Shrink the bracket ``lo < target < hi`` until the tolerance, ``max_iter`` calls or
     one-neuron resolution.
 
     Each step interpolates where the target lies (false position with the Illinois
     rule) in ``log perplexity`` against the fraction, or against ``log fraction`` when
-    ``geometric``: a matched count's perplexity is close to log-linear there, so this
-    lands within tolerance in a few calls where halving the bracket needed more than
-    the 8 a short search has (the standard preset's random pool on SmolLM2-135M stopped
-    1.2% above its target that way). Guarded for what interpolation does badly: a step
-    never lands in the outer 5% of the bracket (a flat side would otherwise creep), an
-    endpoint kept twice has its value halved (Illinois), and an endpoint never
-    evaluated (``lo_frac``, assumed below target) makes the step a plain halving
-    (geometric where ``lo > 0``).
+    ``geometric``; ``interpolate=False`` halves the bracket instead. On a smooth curve
+    this takes far fewer calls (a log-linear one: 4, the root on the first
+    interpolation). On the curves the real searches met it gains little: replayed on
+    the 8 recorded SmolLM2-135M searches (``bench/matching_search.py``), 6.4 calls
+    against 6.5 on average, because near the target a few more neurons move perplexity
+    by about 1% (single neurons with large effects), the size of the tolerance itself.
+    Guarded for what interpolation does badly: a step never lands in the outer 5% of
+    the bracket (a flat side would otherwise creep), an endpoint kept twice has its
+    value halved (Illinois), and an endpoint never evaluated (``lo_frac``, assumed below
+    target) makes the step a plain halving (geometric where ``lo > 0``).
     """
     seen = {f: p for f, p in history}
 
@@ -186,7 +193,7 @@ def _narrow(lo, hi, target, limit, max_iter, snap, evaluate, result, history,
     while len(history) < max_iter:
         halving = snap(math.sqrt(lo * hi) if geometric and lo > 0 else 0.5 * (lo + hi))
         mid = halving
-        if y_lo is not None and y_hi is not None and y_hi > y_lo and (lo > 0 or not geometric):
+        if interpolate and y_lo is not None and y_hi is not None and y_hi > y_lo and (lo > 0 or not geometric):
             x_lo, x_hi = coord(lo), coord(hi)
             x = x_hi - y_hi * (x_hi - x_lo) / (y_hi - y_lo)
             margin = 0.05 * (x_hi - x_lo)
