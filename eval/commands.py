@@ -5,21 +5,19 @@ engines; in a child process their memory and threads are gone when the step
 ends, and the harness itself stays free of torch and vLLM.
 
 Each child runs in its own process group, and the whole group goes when the step
-ends, however it ends: the engine core and its worker are grandchildren, and a
-child killed on its own (a timeout's SIGKILL, an interrupt) left them running,
-bound to the same cores as the next engine (seen: a test's timed-out search kept
-its worker spinning on both cores for minutes, starving the run beside it).
+ends, however it ends (:func:`server.processes.stop_process_group`): its engine core
+and worker are grandchildren, which outlived a child killed on its own.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from rich.console import Console
+
+from server.processes import stop_process_group
 
 console = Console(stderr=True)
 
@@ -37,27 +35,8 @@ def run_logged(cmd: list[str], log: Path) -> None:
         try:
             proc.wait()
         finally:
-            stop_group(proc)
+            stop_process_group(proc)
     if proc.returncode != 0:
         tail = log.read_bytes()[-3000:].decode(errors="replace")
         raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
 
-
-def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """End ``proc`` and everything in its process group (it must lead one:
-    ``start_new_session=True``): SIGTERM, ``grace_s`` for a clean exit, then SIGKILL.
-    Also after ``proc`` exited by itself, for what it left behind."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:  # the group is empty: nothing left behind
-        proc.wait()
-        return
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()

@@ -29,6 +29,8 @@ import httpx
 from vllm_negablate import defaults
 from vllm_negablate.offline import bind_worker_to_all_cores
 
+from server.processes import stop_process_group
+
 ENV_WORKER_SLOTS = "NEGABLATE_WORKER_SLOTS"
 ENV_WORKER_SLOTS_OLD = "NEGABLATE_MAX_SETS"  # the variable's old name, still read
 
@@ -130,13 +132,7 @@ class ServerProcess:
     def stop(self) -> None:
         """Stop the server's whole process group (engine core and workers too)."""
         if self.proc is not None:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait()
+            stop_process_group(self.proc, grace_s=60)
             self.proc = None
         if self._log is not None:
             self._log.close()

@@ -269,9 +269,9 @@ def evaluate_conditions(
     The one evaluation loop of reproduce and the analyses.
 
     Sequences are first scored in chunks (a rich progress bar per step, or plain lines
-    every minute when the output is a log file; results land in the cache), then :func:`eval.tasks.evaluate_pairs` / ``evaluate_perplexity``
-    build the run files from the cache, so the files are exactly what ``negablate
-    eval`` would write.
+    every minute when the output is a log file; results land in the cache), then
+    :func:`eval.tasks.evaluate_pairs` / ``evaluate_perplexity`` build the run files from
+    the cache, so the files are exactly what ``negablate eval`` would write.
     """
     from eval.scoring import CompletionsScorer
     from eval.tasks import evaluate_pairs, evaluate_perplexity, make_windows, write_pair_run, write_ppl_run

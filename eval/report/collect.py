@@ -132,9 +132,7 @@ def head_to_head(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) 
             if control is None:
                 continue
             for task in ("blimp", "tse"):
-                folder = next((f for f in ((full, runs) if task == "blimp" else (runs,))
-                               if all((f / c.label / task / "summary.json").is_file() for c in (spec, control))),
-                              None)
+                folder = _finished_in((full, runs) if task == "blimp" else (runs,), task, spec.label, control.label)
                 if folder is None:
                     continue
                 (overall,) = [r for r in compare_runs(
@@ -148,6 +146,11 @@ def head_to_head(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) 
                              "ci_hi": overall.ci_hi, "p": overall.p_value, "mde": overall.mde,
                              "verdict": verdict})
     return rows
+
+
+def _finished_in(folders: tuple[Path, ...], task: str, *labels: str) -> Path | None:
+    """The first of ``folders`` where every condition of ``labels`` has a finished ``task``."""
+    return next((f for f in folders if all((f / name / task / "summary.json").is_file() for name in labels)), None)
 
 
 def _done(runs: Path, label: str, task: str) -> bool:
