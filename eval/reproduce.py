@@ -58,7 +58,7 @@ from eval.commands import run_logged as _run
 from eval.reproduce_config import PRESETS, ConditionSpec, ReproduceConfig, condition_sets, default_ks, lm_task_sets
 from eval.wikitext import discovery_corpus
 
-__all__ = ["PreflightError", "ReproduceConfig", "condition_sets", "preflight", "reproduce",
+__all__ = ["PreflightError", "ReproduceConfig", "condition_sets", "preflight", "print_plan", "reproduce",
            "reproduce_command"]
 
 console = Console(stderr=True)
@@ -210,19 +210,21 @@ def eval_settings(cfg: ReproduceConfig, data_dir: Path, *, full: bool = False) -
                         ppl_text=cfg.ppl_text, seed=cfg.seed, n_boot=cfg.n_boot, data_dir=data_dir)
 
 
-def evaluation_plan(cfg: ReproduceConfig, disc: Path, data_dir: Path
-                    ) -> list[tuple[Path, list[Condition], EvalSettings]]:
-    """(runs folder, conditions, settings) in the order they are scored: the main
+def scoring_folders(cfg: ReproduceConfig, data_dir: Path) -> list[tuple[Path, list[ConditionSpec], EvalSettings]]:
+    """(runs folder, condition specs, settings) in the order they are scored: the main
     conditions' full BLiMP first (the headline numbers land first, and the sweep's
     subsample of those conditions is then read from the score cache), then the sweep."""
     out = cfg.out_dir()
     specs = condition_sets(cfg)
-    plan = []
-    if cfg.full_blimp:
-        plan.append((out / "runs-full", eval_conditions([s for s in specs if s.full_blimp], disc),
-                     eval_settings(cfg, data_dir, full=True)))
-    plan.append((out / "runs", eval_conditions(specs, disc), eval_settings(cfg, data_dir)))
-    return plan
+    full = ([(out / "runs-full", [s for s in specs if s.full_blimp], eval_settings(cfg, data_dir, full=True))]
+            if cfg.full_blimp else [])
+    return [*full, (out / "runs", specs, eval_settings(cfg, data_dir))]
+
+
+def evaluation_plan(cfg: ReproduceConfig, disc: Path, data_dir: Path
+                    ) -> list[tuple[Path, list[Condition], EvalSettings]]:
+    """:func:`scoring_folders` with each spec made a condition (its set's content hash)."""
+    return [(runs, eval_conditions(specs, disc), settings) for runs, specs, settings in scoring_folders(cfg, data_dir)]
 
 
 def run_lm_tasks_phase(cfg: ReproduceConfig, model_dir: Path, disc: Path, logs: Path) -> None:
@@ -312,6 +314,16 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     return path
 
 
+def print_plan(cfg: ReproduceConfig) -> None:
+    """``--plan``: the run's state from its folder's files (:mod:`eval.reproduce_status`)."""
+    from eval.reproduce_status import measured_rate, plan_lines, run_status
+
+    data_dir = preflight(cfg)
+    steps = run_status(cfg, data_dir, scoring_folders(cfg, data_dir), eval_conditions)
+    for line in plan_lines(cfg, steps, measured_rate(cfg.out_dir())):
+        print(line)
+
+
 def _both(name: str, show=lambda v: f"{v:,}" if isinstance(v, int) else str(v)) -> str:
     """The standard and powered presets' value of a setting, for --help."""
     std, pow_ = getattr(_S, name), getattr(_P, name)
@@ -349,6 +361,7 @@ def reproduce_command(
     cpu_bind_all_cores: bool = typer.Option(
         _S.cpu_bind_all_cores, help="On CPU, give vLLM's worker every core (vLLM keeps one back by default)."),
     seed: int = typer.Option(_S.seed, help="Seed of subsampling and random controls."),
+    plan: bool = typer.Option(False, "--plan", help="Start nothing: check the settings, then print each phase's state in OUT, the sentences left to score and about how long they take at the rate OUT's finished runs were scored at."),
 ) -> None:
     """Reproduce the paper's main comparison on a real model, offline, in one command.
 
@@ -365,6 +378,9 @@ def reproduce_command(
     `powered` (the published reports in docs/results/<model>; hours):
 
     negablate reproduce --preset powered --model smollm2-135m
+
+    Where does a long run stand? The same command with --plan prints each phase's
+    state and the time the scoring left needs, and starts nothing.
     """
     from vllm_negablate.precision import DtypeError, check_dtype_runnable
 
@@ -388,6 +404,9 @@ def reproduce_command(
             given["lm_tasks_limit"] = lm_tasks_limit or None
         cfg = ReproduceConfig(preset=preset, model=model, out=out, seed=seed, cpu_bind_all_cores=cpu_bind_all_cores,
                               **{k: v for k, v in given.items() if v is not None})
+        if plan:
+            print_plan(cfg)
+            return
         reproduce(cfg)
     except (DtypeError, PreflightError, typer.BadParameter) as e:
         console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
