@@ -21,7 +21,7 @@ from vllm_negablate.neuron_set import NeuronSet
 from vllm_negablate.offline import load_neuron_set, score_prompts
 from vllm_negablate.oracle import HFAblationOracle
 from vllm_negablate.testing.engines import TOL, make_llm, max_diff, shutdown
-from vllm_negablate.testing.tiny_models import WIKITEXT_VALID, fingerprint_of
+from vllm_negablate.testing.tiny_models import fingerprint_of, wikitext_head
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +32,7 @@ TOKENS = 2000  # 7 windows of 256 + one of 208: the estimator's histogram path i
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "wiki-head.txt"
-    if WIKITEXT_VALID.is_file():
-        with WIKITEXT_VALID.open(encoding="utf-8") as f:
-            lines = [f.readline() for _ in range(200)]
-        text = "".join(lines)
-    else:  # pragma: no cover - the repository's data folder is missing
-        from vllm_negablate.testing.tiny_models import _FALLBACK_TEXT
-
-        text = _FALLBACK_TEXT * 40
-    path.write_text(text[:24_000], encoding="utf-8")
+    path.write_text(wikitext_head(200, fallback_repeats=40)[:24_000], encoding="utf-8")
     return path
 
 

@@ -15,21 +15,14 @@ from vllm_negablate.discovery.pipeline import DiscoveryResult, find_neurons
 from vllm_negablate.offline import load_neuron_set, score_prompts
 from vllm_negablate.testing.engines import TOL, max_diff, random_prompts
 from vllm_negablate.testing.sets import random_set
-from vllm_negablate.testing.tiny_models import WIKITEXT_VALID
+from vllm_negablate.testing.tiny_models import wikitext_head
 
 __all__ = ["check_discovery", "check_pipeline_parallel_2", "write_corpus"]
 
 
 def write_corpus(path: Path, chars: int = 8_000) -> Path:
     """The head of WikiText-2's validation text (or the built-in fallback) at ``path``."""
-    if WIKITEXT_VALID.is_file():
-        with WIKITEXT_VALID.open(encoding="utf-8") as f:
-            text = "".join(f.readline() for _ in range(100))
-    else:  # pragma: no cover - the shared data folder is missing
-        from vllm_negablate.testing.tiny_models import _FALLBACK_TEXT
-
-        text = _FALLBACK_TEXT * 20
-    path.write_text(text[:chars], encoding="utf-8")
+    path.write_text(wikitext_head(100, fallback_repeats=20)[:chars], encoding="utf-8")
     return path
 
 

@@ -100,6 +100,15 @@ def fingerprint_of(model_dir: str | Path) -> ModelFingerprint:
         raise ValueError(f"{model_dir}: config.json: {exc}") from None
 
 
+def wikitext_head(lines: int, fallback_repeats: int = 20) -> str:
+    """The first ``lines`` lines of WikiText-2's validation text: a discovery corpus for
+    tests; without the shared data folder, the built-in fallback text repeated."""
+    if not WIKITEXT_VALID.is_file():
+        return _FALLBACK_TEXT * fallback_repeats
+    with WIKITEXT_VALID.open(encoding="utf-8") as f:
+        return "".join(f.readline() for _ in range(lines))
+
+
 def _training_text() -> str:
     if WIKITEXT_VALID.is_file():
         with WIKITEXT_VALID.open("rb") as f:
