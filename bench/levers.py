@@ -17,7 +17,11 @@ whole, unablated), two parts:
   - ``+batched_logprobs``: and the prompt log-probs of a step computed together
     (the plugin's default);
   - ``+compiled`` (``--compiled``): and ``enforce_eager=False`` (torch.compile; a
-    minute or more to start).
+    minute or more to start);
+  - ``rows=N`` (``--chunk-rows N,...``): the batched prompt log-probs with N rows per
+    chunk (``NEGABLATE_SCORE_CHUNK_ROWS``) instead of the default policy.
+
+  ``--configs A,B`` times only those (A is the baseline of the ratios).
 
 * **request** (``negablate serve`` with the defaults, the harness's scorer path over
   HTTP): ``logprobs`` 1 vs 0 in the request and sentences per request
@@ -54,8 +58,12 @@ ENGINE_CONFIGS = {  # name: (env NEGABLATE_BATCHED_PROMPT_LOGPROBS, ir_op_priori
 
 @contextlib.contextmanager
 def env(name: str, value: str):
+    """``name=value`` inside the block (``""``: unset)."""
     old = os.environ.get(name)
-    os.environ[name] = value
+    if value:
+        os.environ[name] = value
+    else:
+        os.environ.pop(name, None)
     try:
         yield
     finally:
@@ -71,13 +79,14 @@ def engine_pass(model: Path, dtype: str, seqs: list[list[int]], config: str, arg
     from vllm_negablate.offline import score_prompts
     from vllm_negablate.vllm_adapter import shutdown_llm
 
-    batched, priority, eager = ENGINE_CONFIGS[config]
+    batched, priority, eager = ENGINE_CONFIGS.get(config, ENGINE_CONFIGS["+batched_logprobs"])
+    rows = config.split("=", 1)[1] if config.startswith("rows=") else ""
     kwargs = dict(model=str(model), dtype=dtype, seed=0, enforce_eager=eager,
                   max_num_batched_tokens=args.batched_tokens, max_num_seqs=args.max_num_seqs,
                   max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_cache_mb << 20)
     if priority:
         kwargs["ir_op_priority"] = priority
-    with env("NEGABLATE_BATCHED_PROMPT_LOGPROBS", batched):
+    with env("NEGABLATE_BATCHED_PROMPT_LOGPROBS", batched), env("NEGABLATE_SCORE_CHUNK_ROWS", rows):
         t0 = time.perf_counter()
         llm = LLM(**kwargs)
         setup = time.perf_counter() - t0
@@ -141,6 +150,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--parts", default="engine,request", help="engine, request or both")
     p.add_argument("--compiled", action="store_true", help="also time torch.compile (slow start)")
+    p.add_argument("--chunk-rows", default="", help="also time the batched prompt log-probs with these "
+                   "rows per chunk (NEGABLATE_SCORE_CHUNK_ROWS), e.g. 128,512: configs rows=N")
+    p.add_argument("--configs", default="", help="time only these engine configs (comma-separated names; "
+                   "the first is the baseline of the ratios)")
     p.add_argument("--batch-sizes", default="32,64,128", help="sentences per request to try")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--settle", type=float, default=1.5)
@@ -173,7 +186,11 @@ def main() -> None:
         result: dict = {"machine": machine_facts(), "model": model.name, "dtype": args.dtype,
                         "tokens": tokens, "sentences": len(seqs), "engine": [], "request": []}
         if "engine" in parts:
-            configs = [c for c in ENGINE_CONFIGS if c != "+compiled" or args.compiled] + ["vllm"]
+            configs = [c for c in ENGINE_CONFIGS if c != "+compiled" or args.compiled]
+            configs += [f"rows={n}" for n in args.chunk_rows.split(",") if n]
+            if args.configs:
+                configs = [c for c in args.configs.split(",") if c]
+            configs.append(configs[0])  # the first again at the end: drift shows
             for config in configs:
                 log(f"engine: {config} ...")
                 result["engine"].append(engine_pass(model, args.dtype, seqs, config, args))

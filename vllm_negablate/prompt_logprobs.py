@@ -70,7 +70,7 @@ def score_rows(
     returns ``(top token ids, their scores, rank of the target)`` as vLLM's
     ``Sampler.gather_logprobs`` does. Row order inside a chunk does not change any
     row's value (each row's softmax and rank are its own). ``chunk_rows`` overrides
-    :func:`rows_per_chunk` (tests).
+    :func:`rows_per_chunk` (``NEGABLATE_SCORE_CHUNK_ROWS``; tests).
     """
     if not group:
         return

@@ -55,6 +55,11 @@ class NegablateSettings(BaseSettings):
     batched_prompt_logprobs: bool = Field(
         True, description="Compute the prompt log-probs of all requests of a step together "
                           "(`0`: vLLM's per-request loop; same values, slower).")
+    score_chunk_rows: int | None = Field(
+        None, ge=1, description="Prompt log-prob rows computed together (default: as many as keep a "
+                                "chunk's float32 scores under 128 MiB, at most 256; "
+                                "`prompt_logprobs.rows_per_chunk`). Same values up to the blocking of "
+                                "one matrix product; `bench/levers.py --chunk-rows` times it.")
     server: str = Field("http://127.0.0.1:8000", description="Server URL for `negablate eval`/`analyze` "
                                                             "(`--server` wins).")
 

@@ -622,6 +622,7 @@ def _batched_prompt_logprobs(runner, hidden_states, num_scheduled_tokens):
             else runner.sampler.compute_logprobs,
             gather=runner.sampler.gather_logprobs,
             vocab_size=runner.model_config.get_vocab_size(),
+            chunk_rows=get_settings().score_chunk_rows,
         )
     for req_id in completed:
         del pending[req_id]
