@@ -40,6 +40,7 @@ __all__ = [
     "accuracy_table",
     "bootstrap_mean_ci",
     "compare_runs",
+    "format_p",
     "mcnemar",
     "minimal_detectable_effect",
     "paired_bootstrap_ci",
@@ -376,6 +377,12 @@ def unpaired_diff_stderr(se_a: float, se_b: float) -> float:
 
 
 # --------------------------------------------------------------------------- McNemar
+
+
+def format_p(p: float) -> str:
+    """A p-value to 2 significant digits for tables; one that underflowed float64 says
+    so ("< 1e-300") instead of printing 0, which no test statistic means."""
+    return "< 1e-300" if p == 0 else f"{p:.2g}"
 
 
 def minimal_detectable_effect(n: int, discordant_rate: float, *, alpha: float = 0.05,

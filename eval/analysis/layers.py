@@ -209,6 +209,8 @@ def plot(result: LayersResult, path: Path) -> Path:
 def markdown_section(result: LayersResult, image: str | None = None) -> str:
     """The depth section of a report: BLiMP drop and perplexity ratio of the full set,
     each layer alone and the first k layers."""
+    from eval.stats import format_p
+
     s = result.settings
     lines = [f"## Depth: {result.base_set} one layer at a time and over the first k layers", "",
              f"{result.baseline.blimp_n:,} BLiMP pairs ({s.blimp_per_paradigm} per paradigm) and "
@@ -216,7 +218,7 @@ def markdown_section(result: LayersResult, image: str | None = None) -> str:
              "baseline accuracy minus the condition's, points [95% paired bootstrap CI] (`layers/layers.csv`).",
              "", "| ablated | neurons | BLiMP drop [95% CI] | p | PPL ratio |", "|---|---:|---:|---:|---:|"]
     for r in [result.full, *result.first_k, *result.layers]:
-        lines.append(f"| {r.label} | {r.neurons} | {fmt_drop(r)} | {r.blimp_p:.2g} | {fmt_ratio(r.ppl_ratio)} |")
+        lines.append(f"| {r.label} | {r.neurons} | {fmt_drop(r)} | {format_p(r.blimp_p)} | {fmt_ratio(r.ppl_ratio)} |")
     if image:
         lines += ["", f"![Depth]({image})"]
     return "\n".join(lines) + "\n"

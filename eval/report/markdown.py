@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from eval.stats import format_p as fmt_p
+
 
 def fmt_ci(delta: float, lo: float, hi: float, scale: float = 100.0) -> str:
     """``+1.2 [+0.4, +2.0]``: a delta and its CI, in points."""
@@ -17,7 +19,7 @@ def fmt_ci(delta: float, lo: float, hi: float, scale: float = 100.0) -> str:
 def _cells(r: dict[str, Any], task: str) -> str:
     if f"{task}_delta" not in r:
         return "- | - | -"
-    return (f"{fmt_ci(*r[f'{task}_delta'])} | {r[f'{task}_p']:.2g} | "
+    return (f"{fmt_ci(*r[f'{task}_delta'])} | {fmt_p(r[f'{task}_p'])} | "
             f"{r.get(f'{task}_mde', float('nan')) * 100:.1f}")
 
 
@@ -127,7 +129,7 @@ def head_to_head_table(rows: list[dict[str, Any]]) -> list[str]:
         verdict = f"**{r['verdict']}**" if r["verdict"] != "no difference detected" else r["verdict"]
         lines.append(f"| {r['top']:g}% | {r['control_kind']} | {task} | {r['n']:,} | {100 * r['acc_wasserstein']:.1f} "
                      f"| {100 * r['acc_control']:.1f} | {fmt_ci(r['diff'], r['ci_lo'], r['ci_hi'])} | "
-                     f"{r['p']:.2g} | {100 * r['mde']:.1f} | {verdict} |")
+                     f"{fmt_p(r['p'])} | {100 * r['mde']:.1f} | {verdict} |")
     return lines
 
 

@@ -195,3 +195,9 @@ def test_head_to_head_compares_the_wasserstein_set_with_each_control(folder, tmp
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 2 + 4 and "| 1% | random-negative | BLiMP | 2,000 |" in printed[4]
     assert "## Head to head" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_a_p_value_below_float_range_is_not_printed_as_zero():
+    from eval.stats import format_p
+
+    assert [format_p(p) for p in (0.0, 3.8e-138, 0.31, 1.0)] == ["< 1e-300", "3.8e-138", "0.31", "1"]
