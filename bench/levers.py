@@ -190,6 +190,9 @@ def main() -> None:
             configs += [f"rows={n}" for n in args.chunk_rows.split(",") if n]
             if args.configs:
                 configs = [c for c in args.configs.split(",") if c]
+                unknown = [c for c in configs if c not in ENGINE_CONFIGS and not c.startswith("rows=")]
+                if unknown:
+                    p.error(f"--configs: unknown {unknown}; use {', '.join(ENGINE_CONFIGS)} or rows=N")
             configs.append(configs[0])  # the first again at the end: drift shows
             for config in configs:
                 log(f"engine: {config} ...")
@@ -203,7 +206,7 @@ def main() -> None:
                 diff = max(abs(a - b) for a, b in zip(r.pop("sums"), first_sums, strict=True))
                 r["max_sum_diff_vs_first"] = diff
                 print(f"  {r['config']:<20} {r['tok_s']:8.0f} tok/s  x{r['ratio']:.2f}  "
-                      f"(start {r['setup_s']:.0f} s; max |sum diff| vs vllm {diff:.2g})")
+                      f"(start {r['setup_s']:.0f} s; max |sum diff| vs {configs[0]} {diff:.2g})")
         if "request" in parts:
             log("request: logprobs and batch sizes ...")
             result["request"] = request_part(model, args.dtype, seqs, args, work)
