@@ -1,10 +1,12 @@
 """The SQLite score cache of the HTTP scorer (:class:`eval.scoring.CompletionsScorer`).
 
 Results go to an SQLite file (:class:`ScoreCache`), one row per sequence, keyed
-by SHA-256 of ``(served model id BASE, neuron set, dtype the server computes in, exact
-token ids)`` (:func:`cache_key`): the server URL is not part of the key, so the same
-model served elsewhere reuses the rows, but the same model served in bfloat16 never
-answers for float32. Each finished batch is committed at once, so an
+by SHA-256 of ``(served model id BASE, neuron set name, the set's content hash, dtype
+the server computes in, exact token ids)`` (:func:`cache_key`): the server URL is not
+part of the key, so the same model served elsewhere reuses the rows, but the same model
+served in bfloat16 never answers for float32, and a set replaced under the same name
+(other neurons, other bounds) never gets the old content's scores: ``negablate serve``
+lists each set's content hash on its ``BASE@SET`` card, and the scorer reads it there. Each finished batch is committed at once, so an
 interrupted run, rerun, resumes where it stopped, and a finished one is answered
 without any HTTP call. The scorer takes ``cache=False`` to switch it off, or
 ``cache_namespace=`` to keep results of different weights served under the same
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 CACHE_ENV = "NEGABLATE_EVAL_CACHE"
-_CACHE_SCHEMA = 2  # 2: the server's dtype joined the key
+_CACHE_SCHEMA = 3  # 2: the server's dtype joined the key; 3: the set's content hash
 
 
 def default_cache_path() -> Path:
@@ -44,13 +46,16 @@ def default_cache_path() -> Path:
 
 
 def cache_key(model_id: str, neuron_set: str | None, ids: Sequence[int], namespace: str = "",
-              dtype: str | None = None) -> str:
-    """SHA-256 of the canonical JSON of (schema, namespace, model, set, dtype, ids).
+              dtype: str | None = None, set_hash: str | None = None) -> str:
+    """SHA-256 of the canonical JSON of (schema, namespace, model, set, set hash, dtype, ids).
 
     ``dtype``: what the server computes in (``negablate serve`` lists it on the model's
-    card); None for servers that do not say."""
+    card); None for servers that do not say. ``set_hash``: the content hash of the set
+    (:meth:`vllm_negablate.neuron_set.NeuronSet.content_hash`, on the ``BASE@SET``
+    card); None for servers that do not say, where the name alone keys the rows."""
     payload = json.dumps(
-        [_CACHE_SCHEMA, namespace, model_id, neuron_set or "", dtype or "", [int(t) for t in ids]],
+        [_CACHE_SCHEMA, namespace, model_id, neuron_set or "", set_hash or "", dtype or "",
+         [int(t) for t in ids]],
         separators=(",", ":"),
     )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -204,6 +205,12 @@ class CompletionsScorer:
         # What the server computes in (``negablate_dtype`` on its card; None: not said),
         # and what the caller expects (``dtype=``: a mismatch stops the run).
         self.server_dtype: str | None = None
+        # The content hash of the set the run scores under (``negablate_content_hash`` on
+        # the server's ``BASE@SET`` card; None: no set, or a server that does not say).
+        # It joins the cache key and every request (``vllm_xargs.neuron_set_hash``), so a
+        # set replaced under the same name never answers from the old content's rows, and
+        # one replaced during the run is refused by the server instead of mixed in.
+        self.set_hash: str | None = None
         self.expected_dtype = normalize_dtype(dtype) if dtype else None
         self._server_probed = False
         self.set_via: str | None = (
@@ -282,6 +289,7 @@ class CompletionsScorer:
             "model": self.model,
             "base_model": self.base_model,
             "neuron_set": self.neuron_set,
+            "neuron_set_hash": self.set_hash,
             "set_via": self.set_via,
             "server_default": self.server_default,
             "tokenizer": self.tokenizer.describe(),
@@ -319,16 +327,19 @@ class CompletionsScorer:
         return self.server_dtype or self.expected_dtype
 
     def key(self, ids: Sequence[int]) -> str:
-        return cache_key(self.base_model, self.condition, ids, self.cache_namespace, self.dtype)
+        return cache_key(self.base_model, self.condition, ids, self.cache_namespace, self.dtype,
+                         self.set_hash)
 
     async def _probe_server(self) -> None:
         """Read the base model's card in /v1/models once: its dtype and default set.
 
         ``negablate serve`` lists ``negablate_dtype`` (what the engine computes in) and
-        ``negablate_default`` (the set a request naming none gets) there; other servers
-        have neither (dtype unknown, no default). The dtype joins the cache key, and a
-        caller's ``dtype=`` that differs stops the run before anything is scored. A run
-        naming no set is warned that it gets the default.
+        ``negablate_default`` (the set a request naming none gets) there, and each
+        ``BASE@SET`` card's ``negablate_content_hash``; other servers have none of them
+        (dtype unknown, no default, no hash). The dtype and the set's hash join the cache
+        key, and a caller's ``dtype=`` that differs stops the run before anything is
+        scored. A run naming no set is warned that it gets the default, and is then
+        pinned to it: a default changed during the run does not reach it.
         """
         if self._server_probed:
             return
@@ -351,6 +362,13 @@ class CompletionsScorer:
                         "are under %r, not the unablated model (use %s@%s or --neuron-set %s for "
                         "no ablation)", self.model, default, default, self.base_model,
                         NO_ABLATION, NO_ABLATION)
+        name = self.condition
+        if name is not None:
+            for card in cards:
+                if isinstance(card, dict) and card.get("id") == f"{self.base_model}@{name}":
+                    content_hash = card.get("negablate_content_hash")
+                    if isinstance(content_hash, str) and content_hash:
+                        self.set_hash = content_hash
 
     def score_ids(self, seqs: Sequence[Sequence[int]], desc: str | None = None) -> list[list[float | None]]:
         """Synchronous :meth:`ascore_ids` (not from inside a running event loop)."""
@@ -452,7 +470,15 @@ class CompletionsScorer:
         self.n_requests += 1
 
     def _body(self, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-        return prompt_logprob_body(self.model, prompts, max_tokens, self.extra_body, self.top_logprobs)
+        extra = self.extra_body
+        if self.set_hash is not None:
+            # name the set and the content the run began with: the server refuses the
+            # request (409) if the name now holds other neurons, and the default set
+            # changed mid-run cannot reach a run that began under another
+            xargs = {**(extra.get("vllm_xargs") or {}), "neuron_set": self.condition,
+                     "neuron_set_hash": self.set_hash}
+            extra = {**extra, "vllm_xargs": xargs}
+        return prompt_logprob_body(self.model, prompts, max_tokens, extra, self.top_logprobs)
 
     async def _request(self, client: httpx.AsyncClient, prompts: list[list[int]]) -> list[list[float | None]]:
         """One batch; transient failures are retried by the client's transport, so what
@@ -499,9 +525,17 @@ class CompletionsScorer:
         """The shared parser (:func:`server.completions.parse_prompt_logprobs`), its
         errors as :class:`ScoringError` naming the endpoint."""
         try:
-            return [p.logprobs for p in parse_prompt_logprobs(data, prompts, max_tokens)]
+            out = [p.logprobs for p in parse_prompt_logprobs(data, prompts, max_tokens)]
         except CompletionsFormatError as e:
             raise ScoringError(f"{self.base_url}/v1/completions: {e}") from e
+        if any(lp is not None and math.isnan(lp) for lps in out for lp in lps):
+            # what the engine computes when a request's set vanished between the server's
+            # check and the engine (see vllm_negablate.vllm_adapter.patch_engine_core):
+            # never a score, never cached
+            raise ScoringError(
+                f"{self.base_url}/v1/completions: the server answered NaN log-probabilities "
+                f"(was the neuron set {self.condition!r} replaced or deleted during the run?)")
+        return out
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:

@@ -40,14 +40,18 @@ def _wrap_model_list(state) -> None:
     which default set a request naming no set gets now (``negablate_default``),
     so a client can tell "the base model" from "the default" without the admin key,
     and what the engine computes in (``negablate_dtype``): the harness keys its
-    score cache by it, so bfloat16 scores never answer for float32.
+    score cache by it, so bfloat16 scores never answer for float32. Each ``BASE@SET``
+    card gives the set's content hash (``negablate_content_hash``): the harness keys its
+    cache by it and sends it with each request, so a set replaced under the same name
+    is never answered from the old content's rows, nor mixed into a run.
     """
     dtype = vllm_adapter.served_dtype(state)
     vllm_adapter.extend_model_list(
         state,
         base_fields=lambda: {"negablate_default": state.negablate.default, "negablate_dtype": dtype},
-        variants=lambda: [(name, {"neuron_set": name})
-                          for name in [NO_ABLATION, *sorted(state.negablate.sets)]],
+        variants=lambda: [(NO_ABLATION, {"neuron_set": NO_ABLATION})] + [
+            (name, {"neuron_set": name, "negablate_content_hash": state.negablate.content_hash(name)})
+            for name in sorted(state.negablate.sets)],
     )
 
 

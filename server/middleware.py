@@ -34,10 +34,11 @@ from server.routes import AUTH_SCOPE_KEY
 from server.schemas import ErrorResponse
 from vllm_negablate import vllm_adapter
 from vllm_negablate.neuron_set import NO_ABLATION, NeuronSetError, is_no_ablation
+from vllm_negablate.runtime import NEURON_SET_HASH_KEY, NEURON_SET_KEY
 
 CONTROL_PREFIXES = ("/v1/neuron-sets", "/v1/ablation")
 SCORING_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
-SET_KEY = "neuron_set"
+SET_KEY = NEURON_SET_KEY
 
 
 async def _send_json(send, status: int, body: dict[str, Any],
@@ -144,6 +145,10 @@ class NegablateMiddleware:
             except NeuronSetError as exc:  # no evictable slot, or the workers refused the set
                 return await _send_json(send, 503, _error(503, str(exc), "ServiceUnavailableError",
                                                           "model"))
+            conflict = _content_conflict(registry, name, data)
+            if conflict is not None:
+                registry.release(name)
+                return await _send_json(send, 409, conflict)
         replayed = False
         held = name is not None
 
@@ -202,3 +207,25 @@ class NegablateMiddleware:
                           "NotFoundError", "model"), data
         data = {**data, "vllm_xargs": {**(xargs or {}), SET_KEY: name}}
         return name, data
+
+
+def _content_conflict(registry, name: str, data: Any) -> dict | None:
+    """The 409 body for a request that names the content it expects
+    (``vllm_xargs.neuron_set_hash``) when ``name`` now holds other content; else None.
+
+    Why: a client that scores a set over many requests (and caches the answers under
+    the set's content hash) must never get some of them from a set replaced under the
+    same name meanwhile. Checked while the request holds the set; the engine checks the
+    hash again at admission.
+    """
+    xargs = data.get("vllm_xargs") if isinstance(data, dict) else None
+    expected = xargs.get(NEURON_SET_HASH_KEY) if isinstance(xargs, dict) else None
+    if expected is None:
+        return None
+    current = registry.content_hash(name)
+    if expected == current:
+        return None
+    return _error(409, f"neuron set `{name}` now has content hash {current}, the request "
+                  f"expected {expected}: the set was replaced under the same name since the "
+                  "client read it; read its card again (GET /v1/models) to score the new content",
+                  "ConflictError", "model")

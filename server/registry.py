@@ -71,6 +71,7 @@ class SetRegistry:
         self.max_resident = max_resident
         self.wait_timeout = wait_timeout
         self.sets: dict[str, NeuronSet] = {}
+        self._hashes: dict[str, tuple[NeuronSet, str]] = {}  # name -> (content, its hash)
         self.default: str | None = None
         self.fingerprint: ModelFingerprint | None = None
         self.load_errors: dict[str, str] = {}
@@ -178,6 +179,17 @@ class SetRegistry:
                 f"unknown neuron set {name!r}; known: {sorted(self.sets)}"
             ) from None
 
+    def content_hash(self, name: str) -> str:
+        """``get(name).content_hash()``, computed once per uploaded content: the
+        completions middleware checks it on every request that names a hash, and
+        /v1/models lists it on every ``BASE@SET`` card."""
+        ns = self.get(name)
+        known = self._hashes.get(name)
+        if known is None or known[0] is not ns:
+            known = (ns, ns.content_hash())
+            self._hashes[name] = known
+        return known[1]
+
     async def delete(self, name: str) -> None:
         """Remove a set once the requests using it have finished (bounded wait)."""
         self.get(name)
@@ -201,6 +213,7 @@ class SetRegistry:
                     await self._call("negablate_unload_set", name)
                     self.slots.forget(name)
                 del self.sets[name]
+                self._hashes.pop(name, None)
                 if self.default == name:
                     self.default = None
                     self._save_default()

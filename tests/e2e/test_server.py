@@ -183,6 +183,47 @@ def test_none_selects_the_unablated_model_while_a_default_is_active(served, clie
         client.set_default(None)
 
 
+def test_a_set_replaced_under_its_name_is_scored_afresh_and_never_mixed(served, client, oracle, tmp_path):
+    """The harness caches by the set's content hash (from its BASE@SET card): a set
+    replaced under the same name is scored again and equals the oracle under the new
+    content; a request still naming the old content is refused (409), not answered."""
+    from eval.errors import ServerError
+    from eval.scoring import CompletionsScorer
+
+    server, model_dir, _ = served
+    old = random_set(model_dir, "R", "negative", seed=5)
+    new = random_set(model_dir, "R", "negative", seed=6)
+    assert old.content_hash() != new.content_hash()
+    texts = random_prompts(2, length=12, seed=31)
+    cache = tmp_path / "scores.sqlite"
+
+    def harness():
+        return CompletionsScorer(server.url, "tiny@R", tokenizer=model_dir, cache=cache, progress=False)
+
+    client.upload_set(old)
+    try:
+        card = {c["id"]: c for c in httpx.get(f"{server.url}/v1/models").json()["data"]}["tiny@R"]
+        assert card["negablate_content_hash"] == old.content_hash()
+        with harness() as sc:
+            first = sc.score_ids(texts)
+            assert sc.set_hash == old.content_hash() and sc.n_scored == 2
+        client.upload_set(new)
+        with harness() as sc:
+            second = sc.score_ids(texts)
+            assert sc.set_hash == new.content_hash() and sc.n_scored == 2 and sc.n_cache_hits == 0
+        for got, ref in ((first, old), (second, new)):
+            assert all(max_diff(row, oracle.prompt_logprobs(t, ref)) < TOL for row, t in zip(got, texts))
+        assert max(abs(x - y) for a, b in zip(first, second) for x, y in zip(a[1:], b[1:])) > 1e-3
+        # a run that began under the old content: its next request is refused
+        with harness() as sc:
+            sc.set_hash, sc._server_probed = old.content_hash(), True
+            with pytest.raises(ServerError, match="replaced under the same name") as err:
+                sc.score_ids(random_prompts(1, length=12, seed=32))
+            assert err.value.status == 409
+    finally:
+        client.delete_set("R")
+
+
 def test_soak_default_flips_and_mixed_sets_never_mix(served, client):
     """Soak: 8 clients score while the default flips every 50 ms.
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,12 @@ def tok_dir(tmp_path_factory) -> Path:
     return d
 
 
+def content_rule(prev: int, tok: int, pos: int, neuron_set: str | None) -> float:
+    """Depends on the set's name *and content* ("SET#HASH" from a server that lists hashes)."""
+    salt = zlib.crc32((neuron_set or "").encode()) % 89
+    return -((tok * 31 + prev * 7 + pos + salt) % 97) / 10.0 - 0.25
+
+
 def per_token_minus_one(prev: int, tok: int, pos: int, neuron_set: str | None) -> float:
     return -1.0
 
@@ -101,6 +108,9 @@ class FakeCompletions:
         self.delay = 0.0
         self.default: str | None = None  # negablate serve's default set (None: no ablation)
         self.retry_after: str | None = None  # Retry-After sent with fail_status answers
+        # negablate serve's content hash of each set, on its BASE@SET card (empty: a server
+        # that does not say); the rule then sees "SET#HASH", so other content scores otherwise
+        self.hashes: dict[str, str] = {}
 
     def _logprobs(self, ids: list[int], neuron_set: str | None) -> list[float | None]:
         return [None] + [self.rule(ids[i - 1], ids[i], i, neuron_set) for i in range(1, len(ids))]
@@ -117,7 +127,9 @@ class FakeCompletions:
         if method == "GET" and path == "/v1/models":
             return await self._send(send, 200, {"object": "list", "data": [
                 {"id": m, "object": "model", "max_model_len": self.max_model_len,
-                 "negablate_default": self.default, "negablate_dtype": self.dtype} for m in self.models]})
+                 "negablate_default": self.default, "negablate_dtype": self.dtype} for m in self.models]
+                + [{"id": f"{m}@{name}", "object": "model", "neuron_set": name,
+                    "negablate_content_hash": h} for m in self.models for name, h in self.hashes.items()]})
         if method == "GET" and path == "/health":
             return await self._send(send, 200, {})
         if not (method == "POST" and path == "/v1/completions"):
@@ -162,6 +174,13 @@ class FakeCompletions:
                 return await self._send(send, 400, {"error": {
                     "message": f"This model's maximum context length is {self.max_model_len} tokens."}})
             chosen = mset or xset or self.default
+            expected = (data.get("vllm_xargs") or {}).get("neuron_set_hash")
+            if expected is not None and expected != self.hashes.get(chosen):
+                return await self._send(send, 409, {"error": {
+                    "message": f"neuron set `{chosen}` now has content hash {self.hashes.get(chosen)}, "
+                               f"the request expected {expected}: the set was replaced", "code": 409}})
+            if chosen in self.hashes:
+                chosen = f"{chosen}#{self.hashes[chosen]}"
             lps = self._logprobs(ids, None if chosen == "none" else chosen)
             if mt:
                 lps = lps + [-0.123] * mt  # generated tokens
@@ -327,6 +346,59 @@ def test_mean_metric_with_id_rule(tok_dir):
         assert r.logprob_good == pytest.approx(sum(g)) and r.mean_logprob_bad == pytest.approx(sum(b) / len(b))
         assert r.correct == (sum(g) / len(g) > sum(b) / len(b))
         assert r.correct_sum == (sum(g) > sum(b))
+
+
+def test_a_set_replaced_under_the_same_name_is_never_answered_from_the_old_rows(tok_dir, tmp_path):
+    """The cache keys a set's rows by its content hash (from its BASE@SET card), and
+    every request names the content it expects: replaced between runs, the new content
+    is scored afresh; replaced during a run, the server's 409 stops it, nothing mixed."""
+    fake = FakeCompletions(content_rule)
+    fake.hashes = {"wd": "aaaa"}
+    cache = tmp_path / "c.sqlite"
+    ids = [BOS, 4, 5, 6]
+    old = fake._logprobs(ids, "wd#aaaa")
+    new = fake._logprobs(ids, "wd#bbbb")
+    assert old != new
+    a = make_scorer(fake, tok_dir, model="fake@wd", cache=cache)
+    assert a.score_ids([ids]) == [old] and a.set_hash == "aaaa"
+    assert fake.bodies[-1]["vllm_xargs"] == {"neuron_set": "wd", "neuron_set_hash": "aaaa"}
+    assert a.describe()["neuron_set_hash"] == "aaaa"
+    fake.hashes["wd"] = "bbbb"  # PUT /v1/neuron-sets/wd with other neurons
+    b = make_scorer(fake, tok_dir, model="fake@wd", cache=cache)
+    n = fake.calls
+    assert b.score_ids([ids]) == [new] and fake.calls == n + 1  # not the old row
+    # the old content back: its rows answer again, no call
+    fake.hashes["wd"] = "aaaa"
+    c = make_scorer(fake, tok_dir, model="fake", neuron_set="wd", cache=cache)
+    assert c.score_ids([ids]) == [old] and fake.calls == n + 1
+    # replaced during a run: refused, and what was refused is not cached
+    fake.hashes["wd"] = "cccc"
+    other = [BOS, 7, 8]
+    with pytest.raises(ServerError, match="replaced") as err:
+        c.score_ids([other])
+    assert err.value.status == 409
+    assert len(ScoreCache(cache)) == 2
+
+
+def test_a_run_naming_no_set_is_pinned_to_the_default_it_began_with(tok_dir):
+    fake = FakeCompletions(content_rule)
+    fake.hashes = {"wd": "aaaa", "other": "ffff"}
+    fake.default = "wd"
+    s = make_scorer(fake, tok_dir, model="fake")
+    ids = [BOS, 4, 5]
+    assert s.score_ids([ids]) == [fake._logprobs(ids, "wd#aaaa")]
+    assert fake.bodies[-1]["vllm_xargs"] == {"neuron_set": "wd", "neuron_set_hash": "aaaa"}
+    fake.default = "other"  # PUT /v1/ablation/default mid-run: this run stays on wd
+    assert s.score_ids([[BOS, 6, 7]]) == [fake._logprobs([BOS, 6, 7], "wd#aaaa")]
+
+
+def test_nan_log_probabilities_are_an_error_and_never_cached(tok_dir, tmp_path):
+    fake = FakeCompletions(lambda prev, tok, pos, ns: float("nan") if tok == 6 else -1.0)
+    cache = tmp_path / "c.sqlite"
+    s = make_scorer(fake, tok_dir, cache=cache)
+    with pytest.raises(ScoringError, match="NaN"):
+        s.score_ids([[BOS, 5, 6]])
+    assert len(ScoreCache(cache)) == 0
 
 
 def test_neuron_set_in_model_name_or_body(tok_dir, tmp_path):

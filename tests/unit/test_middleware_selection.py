@@ -142,3 +142,31 @@ def test_the_set_is_released_before_the_last_byte_so_a_following_delete_never_co
 def test_the_selector_name_is_reserved(name):
     with pytest.raises(ValueError, match="is reserved"):
         json.loads(ns(name).model_dump_json())
+
+
+def test_a_request_naming_other_content_than_the_sets_gets_409_and_holds_nothing():
+    """``vllm_xargs.neuron_set_hash``: the content the client began with. A set replaced
+    under the same name since then answers 409 (the harness stops; its cache rows stay
+    those of the old content); the hash the set has now goes through."""
+    async def main():
+        asgi, engine, reg = make_app(max_resident=2)
+        await reg.startup()
+        await reg.put(ns("a"))
+        old = ns("a").content_hash()
+        assert reg.content_hash("a") == old
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://t") as c:
+            body = {"model": "tiny@a", "prompt": "x", "vllm_xargs": {"neuron_set_hash": old}}
+            r = await c.post("/v1/completions", json=body)
+            assert r.status_code == 200
+            assert r.json()["vllm_xargs"] == {"neuron_set_hash": old, "neuron_set": "a"}
+            await reg.put(ns("a", (3,)))  # other neurons, same name
+            new = reg.content_hash("a")
+            assert new == ns("a", (3,)).content_hash() != old
+            r = await c.post("/v1/completions", json=body)
+            assert r.status_code == 409 and r.json()["error"]["type"] == "ConflictError"
+            assert f"now has content hash {new}, the request expected {old}" in r.json()["error"]["message"]
+            r = await c.post("/v1/completions", json={**body, "vllm_xargs": {"neuron_set_hash": new}})
+            assert r.status_code == 200
+        assert dict(reg.in_flight) == {}
+
+    asyncio.run(main())
