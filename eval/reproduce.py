@@ -73,6 +73,10 @@ class PreflightError(ValueError):
 # bootstrap draws its report takes (recomputed from the records on every run).
 # The preset is not one either: it only fills the settings, which are compared one by one.
 _NOT_RESULT_SETTINGS = frozenset({"out", "kv_cache_mb", "cpu_bind_all_cores", "n_boot", "data_dir", "preset"})
+# Settings that only add or drop conditions of their own (each keyed by its own label and
+# set), never change what another condition computes: a folder takes a new value (and one
+# from before the setting existed had its default). matched_draws: draws s1, s2, ... beside s0.
+_ADDITIVE_SETTINGS = {"matched_draws": 1}
 
 
 def preflight(cfg: ReproduceConfig) -> Path:
@@ -110,14 +114,16 @@ def check_settings(cfg: ReproduceConfig) -> None:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise PreflightError(f"{path} cannot be read ({e}); use a new --out") from None
-    new = _result_settings(cfg)
+    new = {k: v for k, v in _result_settings(cfg).items() if k not in _ADDITIVE_SETTINGS}
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in sorted(new.items()) if k in old and old[k] != v]
     added = [k for k in sorted(new) if k not in old]
     if added:  # a folder from an older version, which did not record these settings
         changed.append(f"not recorded there: {', '.join(added)}")
     if changed:
         hint = next((f" (they are the {name} preset's: add --preset {name})" for name in PRESETS
-                     if all(old.get(k) == v for k, v in _result_settings(cfg.with_preset(name)).items())), "")
+                     if all(old.get(k, _ADDITIVE_SETTINGS.get(k)) == v
+                            for k, v in _result_settings(cfg.with_preset(name)).items()
+                            if k not in _ADDITIVE_SETTINGS)), "")
         raise PreflightError(
             f"{cfg.out_dir()} holds a run made with other settings ({'; '.join(changed)}); resuming "
             f"would mix its discovery, sets and results with this run's. Use a new --out, or "
@@ -168,27 +174,37 @@ def discover(cfg: ReproduceConfig, model_dir: Path, corpus: Path, logs: Path) ->
 
 
 def match_perplexity(cfg: ReproduceConfig, model_dir: Path, disc: Path, data_dir: Path, logs: Path) -> None:
-    """Both perplexity-matched controls (random and lowest-W1 neurons) for every p, one engine."""
-    def done(p: float, pool: str) -> bool:
-        return (disc / "sets" / f"{set_names.perplexity_matched(p, cfg.seed, pool=pool)}.json").exists()
+    """Both perplexity-matched controls (random and lowest-W1 neurons) for every p, one
+    engine; then the further draws of the random one at the main p (``matched_draws``),
+    one engine each (same held-out text and target, another seed)."""
+    def done(p: float, pool: str, seed: int = cfg.seed) -> bool:
+        return (disc / "sets" / f"{set_names.perplexity_matched(p, seed, pool=pool)}.json").exists()
 
-    percents = [p for p in cfg.top if not all(done(p, pool) for pool in set_names.POOLS)]
-    if not percents:
-        console.print("[green]perplexity-matched controls: done earlier[/green]")
-        return
-    pools = [pool for pool in set_names.POOLS if not all(done(p, pool) for p in percents)]
     tol = (["--tol-effect", str(cfg.match_tol_effect)] if cfg.match_tol_effect is not None
            else ["--tol", str(cfg.match_tol)])
-    _run(_negablate(
-        "neurons", "control", str(disc), "--kind", "perplexity-matched", "--model", str(model_dir),
-        "--top", ",".join(f"{p:g}" for p in percents), "--seed", str(cfg.seed),
-        "--eval-corpus", str(data_dir / "wikitext-2" / "test.txt"),
-        "--eval-tokens", str(cfg.match_tokens), "--window", str(cfg.window),
-        *tol, "--max-iter", str(cfg.match_max_iter), "--pool", ",".join(pools),
-        "--dtype", cfg.dtype, "--kv-cache-mb", str(cfg.kv_cache_mb), "--out", str(disc / "sets"),
-        # an unmatched control is still a control: the report states how close it got
-        "--save-unconverged",
-    ), logs / "perplexity-matched.log")
+
+    def search(percents: list[float], pools: list[str], seed: int, log: str) -> None:
+        _run(_negablate(
+            "neurons", "control", str(disc), "--kind", "perplexity-matched", "--model", str(model_dir),
+            "--top", ",".join(f"{p:g}" for p in percents), "--seed", str(seed),
+            "--eval-corpus", str(data_dir / "wikitext-2" / "test.txt"),
+            "--eval-tokens", str(cfg.match_tokens), "--window", str(cfg.window),
+            *tol, "--max-iter", str(cfg.match_max_iter), "--pool", ",".join(pools),
+            "--dtype", cfg.dtype, "--kv-cache-mb", str(cfg.kv_cache_mb), "--out", str(disc / "sets"),
+            # an unmatched control is still a control: the report states how close it got
+            "--save-unconverged",
+        ), logs / log)
+
+    percents = [p for p in cfg.top if not all(done(p, pool) for pool in set_names.POOLS)]
+    draws = [cfg.seed + d for d in range(1, cfg.matched_draws) if not done(cfg.main_top, "random", cfg.seed + d)]
+    if not percents and not draws:
+        console.print("[green]perplexity-matched controls: done earlier[/green]")
+        return
+    if percents:
+        search(percents, [pool for pool in set_names.POOLS if not all(done(p, pool) for p in percents)],
+               cfg.seed, "perplexity-matched.log")
+    for seed in draws:
+        search([cfg.main_top], ["random"], seed, f"perplexity-matched-s{seed}.log")
 
 
 def eval_conditions(specs: list[ConditionSpec], disc: Path) -> list[Condition]:
@@ -358,6 +374,7 @@ def reproduce_command(
     lm_tasks: str | None = _opt("lm_tasks", "lm_eval tasks for the baseline, Wasserstein-negative and both matched controls at the main p (offline copies; '' skips them)."),
     lm_tasks_limit: int | None = typer.Option(None, help=f"First N documents of each lm_eval task (0: all). (default: {_S.lm_tasks_limit})", show_default=False),
     layers_blimp_per_paradigm: int | None = _opt("layers_blimp_per_paradigm", "BLiMP pairs per paradigm for the layer analysis of the main set (0 skips it)."),
+    matched_draws: int | None = _opt("matched_draws", "Independent draws (seeds SEED, SEED+1, ...) of the random perplexity-matched control at the main p, each searched and scored; the report sets them side by side. A finished folder takes more draws on rerun."),
     cpu_bind_all_cores: bool = typer.Option(
         _S.cpu_bind_all_cores, help="On CPU, give vLLM's worker every core (vLLM keeps one back by default)."),
     seed: int = typer.Option(_S.seed, help="Seed of subsampling and random controls."),
@@ -389,7 +406,7 @@ def reproduce_command(
         "blimp_per_paradigm": blimp_per_paradigm, "blimp_main_per_paradigm": blimp_main_per_paradigm,
         "tse_per_test": tse_per_test, "ppl_windows": ppl_windows, "ppl_window": ppl_window, "window": window,
         "match_tokens": match_tokens, "match_max_iter": match_max_iter,
-        "layers_blimp_per_paradigm": layers_blimp_per_paradigm,
+        "layers_blimp_per_paradigm": layers_blimp_per_paradigm, "matched_draws": matched_draws,
     }
     try:
         if preset not in PRESETS:

@@ -46,6 +46,7 @@ POWERED: dict[str, object] = {
     "match_tokens": 16_384,
     "lm_tasks": list(NONGRAMMATICAL_TASKS),
     "layers_blimp_per_paradigm": 50,
+    "matched_draws": 3,
 }
 PRESETS: dict[str, dict[str, object]] = {"standard": {}, "powered": POWERED}
 
@@ -59,8 +60,8 @@ class ReproduceConfig(BaseModel):
     32,768 tokens; under 30 minutes for SmolLM2-135M on 2 cores (README). ``powered``
     (:data:`POWERED`): the top-p sweep 1/2/5%, all 67,000 BLiMP pairs for the four main
     conditions (a 0.3-point minimal detectable effect), 200 pairs per paradigm and per TSE
-    test elsewhere, lm_eval's non-grammatical tasks and the layer analysis; hours on 2
-    cores, every phase resumes.
+    test elsewhere, three draws of the random perplexity-matched control, lm_eval's
+    non-grammatical tasks and the layer analysis; hours on 2 cores, every phase resumes.
 
     float32 is the exact mode: every served ablation equals the transformers oracle to
     float tolerance. bfloat16 is the fast mode where the hardware has bf16 units
@@ -95,6 +96,10 @@ class ReproduceConfig(BaseModel):
     # log-perplexity effect (a fixed 2% accepted even the unablated model on Gemma)
     match_tol_effect: float | None = 0.1
     match_max_iter: int = 8
+    # independent draws of the random perplexity-matched control at the main p (seeds
+    # seed, seed+1, ...): the comparison with it rests on which random neurons one draw
+    # took, so the powered run searches and scores three and reports them side by side
+    matched_draws: int = 1
     # the double dissociation: lm_eval's non-grammatical tasks (offline copies), for the
     # baseline, Wasserstein-negative and both perplexity-matched controls at the main p
     lm_tasks: list[str] = []  # powered: PIQA, ARC-E/C, WinoGrande, SciQ, LAMBADA, OBQA, BoolQ
@@ -138,7 +143,7 @@ class ReproduceConfig(BaseModel):
     @model_validator(mode="after")
     def _counts(self) -> ReproduceConfig:
         for name in ("blimp_per_paradigm", "blimp_main_per_paradigm", "discovery_tokens", "ppl_window",
-                     "window"):
+                     "window", "matched_draws"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.blimp_main_per_paradigm < self.blimp_per_paradigm:
@@ -181,6 +186,7 @@ class ConditionSpec(BaseModel):
     description: str
     main: bool  # at the main p (the main table)
     full_blimp: bool  # scored on blimp_main_per_paradigm pairs too
+    draw: int = 0  # a further draw of the random perplexity-matched control (seed + draw); 0: the first
 
 
 BASELINE = "baseline"
@@ -196,6 +202,9 @@ KINDS = [
      "lowest-W1 neurons (the reference's `bottom`), count matched to the Wasserstein perplexity"),
 ]
 MAIN_ONLY_KINDS = frozenset({"wasserstein-positive"})
+# the control drawn ``matched_draws`` times at the main p (the others are not random, or
+# their effect is near zero with a tight CI)
+REDRAWN_KIND = "perplexity-matched-negative"
 # what the Wasserstein-negative set is compared with head to head (the paper's controls)
 CONTROL_KINDS = ("random-negative", "perplexity-matched-negative", "perplexity-matched-bottom-negative")
 LM_TASK_KINDS = ("wasserstein-negative", "perplexity-matched-negative", "perplexity-matched-bottom-negative")
@@ -220,7 +229,8 @@ def set_name_for(kind: str, top: float, seed: int) -> str:
 
 
 def condition_sets(cfg: ReproduceConfig) -> list[ConditionSpec]:
-    """Every condition of the run: the baseline, the main p's kinds, then the other p's."""
+    """Every condition of the run: the baseline, the main p's kinds, then the other p's,
+    then the further draws of the random perplexity-matched control (``matched_draws``)."""
     out = [ConditionSpec(label=BASELINE, kind=BASELINE, top=None, set_name=None,
                          description=KINDS[0][1], main=True, full_blimp=cfg.full_blimp)]
     for p in cfg.top:
@@ -231,6 +241,11 @@ def condition_sets(cfg: ReproduceConfig) -> list[ConditionSpec]:
             out.append(ConditionSpec(
                 label=condition_label(kind, p), kind=kind, top=p, set_name=set_name_for(kind, p, cfg.seed),
                 description=desc, main=main, full_blimp=main and cfg.full_blimp and kind in FULL_BLIMP_KINDS))
+    out += [ConditionSpec(
+        label=f"{condition_label(REDRAWN_KIND, cfg.main_top)}-s{cfg.seed + draw}", kind=REDRAWN_KIND,
+        top=cfg.main_top, set_name=set_name_for(REDRAWN_KIND, cfg.main_top, cfg.seed + draw),
+        description=f"{dict(KINDS)[REDRAWN_KIND]}; draw {draw + 1} (seed {cfg.seed + draw})",
+        main=False, full_blimp=False, draw=draw) for draw in range(1, cfg.matched_draws)]
     return out
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from eval.analysis.sweep import Condition, EvalSettings, pending_tasks
 from eval.data import load_blimp, load_tse, load_tse_ml, stratified_subsample
 from eval.progress_log import format_duration
-from eval.reproduce_config import ConditionSpec, ReproduceConfig, condition_sets, default_ks
+from eval.reproduce_config import ConditionSpec, ReproduceConfig, default_ks
 from vllm_negablate import set_names
 
 __all__ = ["ScoringFolder", "Step", "measured_rate", "plan_lines", "run_status"]
@@ -70,17 +70,15 @@ def _task_sizes(settings: EvalSettings, data_dir: Path) -> dict[str, int]:
 def _scoring_steps(cfg: ReproduceConfig, disc: Path, data_dir: Path, folders: Sequence[ScoringFolder],
                    make_conditions: MakeConditions) -> list[Step]:
     out = cfg.out_dir()
-    specs = condition_sets(cfg)
-    sets_made = all((disc / "sets" / f"{s.set_name}.json").is_file() for s in specs if s.set_name)
     steps = []
     for runs, folder_specs, settings in folders:
         name = runs.name
         sizes = _task_sizes(settings, data_dir)
-        if sets_made:  # exact: each condition's unfinished tasks, its set's hash included
-            conds = make_conditions(list(folder_specs), disc)
-            todo = [(c.label, t) for c in conds for t in pending_tasks(runs, c, settings)]
-        else:  # nothing scored before the sets exist
-            todo = [(s.label, t) for s in folder_specs for t in sizes]
+        made = [s for s in folder_specs if not s.set_name or (disc / "sets" / f"{s.set_name}.json").is_file()]
+        # exact for a condition whose set exists: its unfinished tasks, its set's hash
+        # included; nothing is scored for a set not made yet (a later draw, a first run)
+        todo = [(c.label, t) for c in make_conditions(made, disc) for t in pending_tasks(runs, c, settings)]
+        todo += [(s.label, t) for s in folder_specs if s not in made for t in sizes]
         total = len(folder_specs) * len(sizes)
         # a main condition's BLiMP subsample in runs/ comes from the score cache once its
         # runs-full/ BLiMP is finished (the subsample is part of the larger one)
@@ -110,6 +108,7 @@ def run_status(cfg: ReproduceConfig, data_dir: Path, folders: Sequence[ScoringFo
              detail=f"{cfg.discovery_tokens:,} tokens, top {', '.join(f'{p:g}' for p in cfg.top)}%"),
     ]
     matched = [set_names.perplexity_matched(p, cfg.seed, pool=pool) for p in cfg.top for pool in set_names.POOLS]
+    matched += [set_names.perplexity_matched(cfg.main_top, cfg.seed + d) for d in range(1, cfg.matched_draws)]
     made = sum((disc / "sets" / f"{name}.json").is_file() for name in matched)
     steps.append(Step(name="perplexity-matched controls",
                       state="done" if made == len(matched) else "pending" if not made else "partly done",

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.reproduce_config import BASELINE, CONTROL_KINDS, ConditionSpec
+from eval.reproduce_config import BASELINE, CONTROL_KINDS, REDRAWN_KIND, ConditionSpec
 from eval.stats import compare_runs
 from eval.tasks import load_records, load_summary
 
@@ -73,9 +73,12 @@ def collect(out: Path, disc: Path, specs: list[ConditionSpec], n_boot: int, seed
     ``rows``: the main p's conditions (BLiMP from ``runs-full/`` where the condition has a
     full run there, against the baseline's full run; TSE and perplexity from ``runs/``).
     ``sweep``: every non-baseline condition at every p from ``runs/`` (same pairs for all).
+    ``draws``: every draw of the random perplexity-matched control at the main p (the
+    first included) from ``runs/``, when the run has more than one.
     """
     runs, full = out / "runs", out / "runs-full"
-    rows, sweep, phenomena, pending = [], [], {}, []
+    rows, sweep, phenomena, pending, draws = [], [], {}, [], []
+    redrawn = any(spec.draw for spec in specs)
     for spec in specs:
         count, modes = neuron_count(disc, spec.set_name)
         head = {"condition": spec.label, "kind": spec.kind, "top": spec.top, "set": spec.set_name,
@@ -88,6 +91,12 @@ def collect(out: Path, disc: Path, specs: list[ConditionSpec], n_boot: int, seed
             sub |= _pair_cells(runs, spec.label, "tse", n_boot, seed)[0]
         if _done(runs, spec.label, "perplexity"):
             sub |= _ppl_cells(runs, spec.label)
+        if redrawn and spec.kind == REDRAWN_KIND and spec.top == specs_main_top(specs) and "blimp_acc" in sub:
+            draws.append(sub | {"draw": spec.draw, "seed": seed + spec.draw})
+        if spec.draw:  # not a point of the sweep: reported beside the first draw
+            if "blimp_acc" not in sub:
+                pending.append(spec.label)
+            continue
         if spec.label != BASELINE and "blimp_acc" in sub:
             sweep.append(sub)
         if not spec.main:
@@ -106,7 +115,12 @@ def collect(out: Path, disc: Path, specs: list[ConditionSpec], n_boot: int, seed
         rows.append(row)
     tse_fields = tse_by_field(runs, specs, n_boot, seed) if _done(runs, BASELINE, "tse") else []
     return {"rows": rows, "sweep": sweep, "phenomena": phenomena, "tse_by_field": tse_fields,
-            "pending": pending}
+            "pending": pending, "draws": draws}
+
+
+def specs_main_top(specs: list[ConditionSpec]) -> float | None:
+    """The main p: the top of the first condition that has one (``condition_sets`` order)."""
+    return next((s.top for s in specs if s.top is not None), None)
 
 
 def head_to_head(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) -> list[dict[str, Any]]:
@@ -123,14 +137,12 @@ def head_to_head(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) 
     """
     runs, full = out / "runs", out / "runs-full"
     rows = []
-    by_key = {(s.kind, s.top): s for s in specs}
     for spec in specs:
         if spec.kind != "wasserstein-negative":
             continue
-        for kind in CONTROL_KINDS:
-            control = by_key.get((kind, spec.top))
-            if control is None:
-                continue
+        controls = sorted((s for s in specs if s.kind in CONTROL_KINDS and s.top == spec.top),
+                          key=lambda s: (CONTROL_KINDS.index(s.kind), s.draw))  # every draw
+        for control in controls:
             for task in ("blimp", "tse"):
                 folder = _finished_in((full, runs) if task == "blimp" else (runs,), task, spec.label, control.label)
                 if folder is None:
@@ -140,11 +152,11 @@ def head_to_head(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) 
                     group_keys=(), n_boot=n_boot, seed=seed) if r.level == "overall"]
                 verdict = ("wasserstein hurts more" if overall.ci_hi < 0 else
                            "control hurts more" if overall.ci_lo > 0 else "no difference detected")
-                rows.append({"top": spec.top, "control": control.label, "control_kind": kind, "task": task,
-                             "source": folder.name, "n": overall.n, "acc_wasserstein": overall.acc_b,
-                             "acc_control": overall.acc_a, "diff": overall.delta, "ci_lo": overall.ci_lo,
-                             "ci_hi": overall.ci_hi, "p": overall.p_value, "mde": overall.mde,
-                             "verdict": verdict})
+                rows.append({"top": spec.top, "control": control.label, "control_kind": control.kind,
+                             "draw": control.draw, "task": task, "source": folder.name, "n": overall.n,
+                             "acc_wasserstein": overall.acc_b, "acc_control": overall.acc_a,
+                             "diff": overall.delta, "ci_lo": overall.ci_lo, "ci_hi": overall.ci_hi,
+                             "p": overall.p_value, "mde": overall.mde, "verdict": verdict})
     return rows
 
 

@@ -124,12 +124,32 @@ def head_to_head_table(rows: list[dict[str, Any]]) -> list[str]:
         return []
     lines = ["| p | control | test | pairs | acc Wasserstein-negative | acc control | difference [95% CI] | p | MDE "
              "| verdict |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in sorted(rows, key=lambda r: (r["top"], r["control_kind"], r["task"])):
+    redrawn = {(r["top"], r["control_kind"]) for r in rows if r.get("draw")}
+    for r in sorted(rows, key=lambda r: (r["top"], r["control_kind"], r.get("draw", 0), r["task"])):
         task = {"blimp": "BLiMP", "tse": "TSE"}[r["task"]]
         verdict = f"**{r['verdict']}**" if r["verdict"] != "no difference detected" else r["verdict"]
-        lines.append(f"| {r['top']:g}% | {r['control_kind']} | {task} | {r['n']:,} | {100 * r['acc_wasserstein']:.1f} "
+        control = r["control_kind"] + (f" (draw {r.get('draw', 0) + 1})" if (r["top"], r["control_kind"]) in redrawn
+                                       else "")
+        lines.append(f"| {r['top']:g}% | {control} | {task} | {r['n']:,} | {100 * r['acc_wasserstein']:.1f} "
                      f"| {100 * r['acc_control']:.1f} | {fmt_ci(r['diff'], r['ci_lo'], r['ci_hi'])} | "
                      f"{fmt_p(r['p'])} | {100 * r['mde']:.1f} | {verdict} |")
+    return lines
+
+
+def draws_table(draws: list[dict[str, Any]], head_to_head: list[dict[str, Any]]) -> list[str]:
+    """Each draw of the random perplexity-matched control: its own effect, and the
+    Wasserstein set's difference from it (empty with a single draw)."""
+    if len(draws) < 2:
+        return []
+    h2h = {(r["control"], r["task"]): r for r in head_to_head}
+    lines = ["| draw | seed | neurons | PPL ratio | BLiMP delta [95% CI] | TSE delta [95% CI] "
+             "| Wasserstein minus draw, BLiMP | TSE |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(draws, key=lambda r: r["draw"]):
+        vs = [fmt_ci(h["diff"], h["ci_lo"], h["ci_hi"]) if (h := h2h.get((r["condition"], t))) else "-"
+              for t in ("blimp", "tse")]
+        deltas = [fmt_ci(*r[f"{t}_delta"]) if f"{t}_delta" in r else "-" for t in ("blimp", "tse")]
+        lines.append(f"| {r['draw'] + 1} | {r['seed']} | {r['neurons']:,} | {_ppl(r)[1]} | {deltas[0]} | "
+                     f"{deltas[1]} | {vs[0]} | {vs[1]} |")
     return lines
 
 
@@ -165,6 +185,16 @@ def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, A
                   "points; below 0: the Wasserstein ablation hurts more), with a paired bootstrap CI, "
                   "McNemar p between the two, and the MDE of that comparison (`head_to_head.csv`).",
                   "", *h2h]
+    draws = draws_table(data.get("draws", []), data.get("head_to_head", []))
+    if draws:
+        lines += ["", f"## The random perplexity-matched control, draw by draw (top {main_p:g}%)", "",
+                  "Which random non-Wasserstein neurons a draw takes decides how much one draw hurts; "
+                  f"each of the {len(data['draws'])} draws (own seed, same target perplexity, same held-out "
+                  f"text) is searched and scored on the same {cfg.blimp_per_paradigm} BLiMP pairs per "
+                  f"paradigm and {cfg.tse_per_test} TSE pairs per test, beside the Wasserstein set's "
+                  "difference from it (`draws.csv`). Draws that disagree mean the comparison with *a* "
+                  "random perplexity-matched set is decided by the draw, not by the neurons being random.",
+                  "", *draws]
     if len(cfg.top) > 1:
         lines += ["", "## Top-p sweep", "",
                   f"Every condition on the same {cfg.blimp_per_paradigm} BLiMP pairs per paradigm and "
@@ -191,7 +221,7 @@ def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, A
     lines += extra_sections
     if elapsed_s is not None:
         lines.append(f"Total time: {elapsed_s / 60:.1f} min over all invocations (`timing.json`). Files: "
-                     "`report.json`, `main_table.csv`, `head_to_head.csv`, `sweep_table.csv`, `tse_by_field.csv`, "
+                     "`report.json`, `main_table.csv`, `head_to_head.csv`, `draws.csv`, `sweep_table.csv`, `tse_by_field.csv`, "
                      "`runs*/*/*/records.jsonl`.")
     return "\n".join(lines) + "\n"
 
@@ -199,8 +229,9 @@ def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, A
 SECTIONS = {"main": lambda data: main_table(data["rows"]), "sweep": lambda data: sweep_table(data["sweep"]),
             "tse-fields": lambda data: tse_field_table(data["tse_by_field"]),
             "premise": lambda data: premise_table(data.get("premise", [])),
-            "head-to-head": lambda data: head_to_head_table(data.get("head_to_head", []))}
+            "head-to-head": lambda data: head_to_head_table(data.get("head_to_head", [])),
+            "draws": lambda data: draws_table(data.get("draws", []), data.get("head_to_head", []))}
 """Tables ``python -m eval.report FOLDER --print NAME`` prints from a report.json (for the README)."""
 
-__all__ = ["SECTIONS", "fmt_ci", "head_to_head_table", "header", "main_table", "matched_note", "premise_table", "render",
+__all__ = ["SECTIONS", "draws_table", "fmt_ci", "head_to_head_table", "header", "main_table", "matched_note", "premise_table", "render",
            "sweep_table", "tse_field_table"]

@@ -28,5 +28,8 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns: tuple[str, ...] =
 
 TSE_FIELD_COLUMNS = ("condition", "metric", "field", "n", "acc_baseline", "acc", "delta", "ci_lo", "ci_hi", "p")
 PREMISE_COLUMNS = ("layer", "group", "neurons", "w1", "share_h_negative", "share_z_negative", "frac_h_negative")
-HEAD_TO_HEAD_COLUMNS = ("top", "control", "control_kind", "task", "source", "n", "acc_wasserstein", "acc_control",
+HEAD_TO_HEAD_COLUMNS = ("top", "control", "control_kind", "draw", "task", "source", "n", "acc_wasserstein", "acc_control",
                         "diff", "ci_lo", "ci_hi", "p", "mde", "verdict")
+DRAW_COLUMNS = ("condition", "draw", "seed", "set", "neurons", "blimp_acc", "blimp_n", "blimp_delta", "blimp_ci_lo",
+                "blimp_ci_hi", "blimp_p", "blimp_mde", "tse_acc", "tse_n", "tse_delta", "tse_ci_lo", "tse_ci_hi",
+                "tse_p", "tse_mde", "ppl", "ppl_ratio", "ppl_tokens")

@@ -196,3 +196,33 @@ def test_a_report_mid_run_shows_what_is_finished(run, tmp_path):
     assert rows["wasserstein-negative-top10"]["blimp_n"] == 134
     assert "Not finished yet" in (folder / "REPORT.md").read_text()
     assert json.loads((folder / "config.json").read_text()) == config
+
+
+def test_a_finished_folder_takes_a_second_draw_of_the_matched_control(run):
+    """--matched-draws 2 on the finished folder: only the new draw is searched (its own
+    seed, same target) and scored; the report sets both draws side by side and compares
+    the Wasserstein set with each; nothing else is recomputed."""
+    cfg, _, _ = run
+    before = json.loads((cfg.out / "report.json").read_text())
+    more = cfg.model_copy(update={"matched_draws": 2})
+    reproduce(more)
+    after = json.loads((cfg.out / "report.json").read_text())
+    assert after["rows"] == before["rows"] and after["sweep"] == before["sweep"]
+    assert json.loads((cfg.out / "config.json").read_text())["matched_draws"] == 2
+    sets = cfg.out / "discovery" / "sets"
+    first = json.loads((sets / "perplexity-matched-top10-s0.json").read_text())["provenance"]
+    second = json.loads((sets / "perplexity-matched-top10-s1.json").read_text())["provenance"]
+    assert (first["seed"], second["seed"]) == (0, 1)
+    assert second["source"]["target_perplexity"] == pytest.approx(first["source"]["target_perplexity"])
+    label = "perplexity-matched-negative-top10-s1"
+    assert load_summary(cfg.out / "runs" / label / "blimp").n_pairs == 67
+    draws = {d["draw"]: d for d in after["draws"]}
+    assert sorted(draws) == [0, 1] and draws[1]["condition"] == label
+    for d in draws.values():
+        recs = load_records(cfg.out / "runs" / d["condition"] / "blimp")
+        base = load_records(cfg.out / "runs" / "baseline" / "blimp")
+        assert d["blimp_acc"] == pytest.approx(np.mean([r["correct"] for r in recs]))
+        assert d["blimp_delta"][0] == pytest.approx(d["blimp_acc"] - np.mean([r["correct"] for r in base]))
+    assert {(r["control"], r["task"]) for r in after["head_to_head"] if r["draw"] == 1} == {
+        (label, "blimp"), (label, "tse")}
+    assert "draw by draw" in (cfg.out / "REPORT.md").read_text()

@@ -190,7 +190,7 @@ def test_head_to_head_compares_the_wasserstein_set_with_each_control(folder, tmp
     assert rows[("random-negative", "blimp")]["verdict"] == "wasserstein hurts more"
     assert rows[("perplexity-matched-negative", "tse")]["verdict"] == "control hurts more"
     csv_lines = (tmp_path / "head_to_head.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("top,control,control_kind,task,source,n") and len(csv_lines) == 5
+    assert csv_lines[0].startswith("top,control,control_kind,draw,task,source,n") and len(csv_lines) == 5
     report_main(tmp_path, "head-to-head")
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 2 + 4 and "| 1% | random-negative | BLiMP | 2,000 |" in printed[4]
@@ -201,3 +201,46 @@ def test_a_p_value_below_float_range_is_not_printed_as_zero():
     from eval.stats import format_p
 
     assert [format_p(p) for p in (0.0, 3.8e-138, 0.31, 1.0)] == ["< 1e-300", "3.8e-138", "0.31", "1"]
+
+
+def test_each_draw_of_the_matched_control_is_reported_and_compared(folder, tmp_path, capsys):
+    """With matched_draws 2: the second draw is not a sweep point, it has its own row in the
+    draws table (delta against the baseline) and in the head to head (difference from the
+    Wasserstein set), both against numpy; a draw not scored yet is pending."""
+    cfg, disc, arr = folder
+    cfg = cfg.model_copy(update={"matched_draws": 3})
+    (tmp_path / "config.json").write_text(cfg.model_dump_json())
+    rng = np.random.default_rng(2)
+    first = arr["ablated"].copy()
+    first[rng.choice(400, 12, replace=False)] ^= True
+    second = arr["base"] & (rng.random(400) < 0.7)  # this draw hurts far more
+    _set(disc, "perplexity-matched-top1-s0", [30, 20])
+    _set(disc, "perplexity-matched-top1-s1", [25, 31])
+    for label, blimp, tse, nll in (("perplexity-matched-negative-top1", first, arr["tse_ablated"], 3.1),
+                                   ("perplexity-matched-negative-top1-s1", second, arr["tse_base"], 3.2)):
+        _pairs(tmp_path / "runs" / label / "blimp", "blimp", blimp)
+        _pairs(tmp_path / "runs" / label / "tse", "tse", tse)
+        _ppl(tmp_path / "runs" / label / "perplexity", nll)
+    write_report(cfg, disc, condition_sets(cfg), tmp_path / "no-model")
+    report = json.loads((tmp_path / "report.json").read_text())
+    draws = {d["draw"]: d for d in report["draws"]}
+    assert sorted(draws) == [0, 1] and (draws[0]["seed"], draws[1]["seed"]) == (0, 1)
+    assert (draws[0]["neurons"], draws[1]["neurons"]) == (50, 56)
+    for d, blimp in ((0, first), (1, second)):
+        assert draws[d]["blimp_delta"][0] == pytest.approx(blimp.mean() - arr["base"].mean())
+        assert draws[d]["blimp_p"] == pytest.approx(_mcnemar_p(arr["base"], blimp), rel=1e-9)
+    assert draws[1]["ppl_ratio"] == pytest.approx(math.exp(0.2))
+    assert "perplexity-matched-negative-top1-s2" in report["pending"]
+    assert not any(r["condition"].endswith("-s1") for r in report["sweep"])
+    h2h = {(r["control"], r["task"]): r for r in report["head_to_head"]}
+    vs_second = h2h[("perplexity-matched-negative-top1-s1", "blimp")]
+    assert vs_second["draw"] == 1 and vs_second["source"] == "runs"
+    assert vs_second["diff"] == pytest.approx(arr["ablated"].mean() - second.mean())
+    assert vs_second["verdict"] == "control hurts more"
+    assert len((tmp_path / "draws.csv").read_text().splitlines()) == 3
+    report_main(tmp_path, "draws")
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 + 2 and printed[3].startswith("| 2 | 1 | 56 | 1.221 |")
+    assert f"| {100 * vs_second['diff']:+.1f} [" in printed[3]
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "draw by draw" in text and "perplexity-matched-negative (draw 2) | BLiMP" in text

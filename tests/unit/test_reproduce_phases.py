@@ -7,7 +7,8 @@ import json
 
 import eval.analysis.layers as layers
 import eval.analysis.lm_tasks as lm_tasks
-from eval.reproduce import ReproduceConfig, run_layers_phase, run_lm_tasks_phase
+import eval.reproduce as rep
+from eval.reproduce import ReproduceConfig, match_perplexity, run_layers_phase, run_lm_tasks_phase
 from eval.reproduce_config import default_ks, lm_task_sets
 
 
@@ -75,3 +76,31 @@ def test_the_lm_tasks_server_serves_the_sets_with_enough_worker_slots(tmp_path, 
     assert model_dir == tmp_path / "m" and extra == ("--max-sets", "8", "--neuron-sets", str(tmp_path / "sets"))
     assert kw["kv_cache_bytes"] == 256 * 2**20 and kw["max_model_len"] == 2049 and kw["dtype"] == "float32"
     assert int(kw["env"][launcher.ENV_WORKER_SLOTS]) == launcher.worker_slots(8) > 8
+
+
+def test_the_matched_search_makes_each_missing_set_once_and_each_further_draw_with_its_seed(tmp_path, monkeypatch):
+    """One search for every p and both pools (the first seed), then one per further draw of
+    the random pool at the main p; sets already on disk are not searched again."""
+    calls = []
+    monkeypatch.setattr(rep, "_run", lambda cmd, log: calls.append((cmd, log.name)))
+    sets = tmp_path / "disc" / "sets"
+    sets.mkdir(parents=True)
+    cfg = ReproduceConfig(out=tmp_path, top=[2, 1], seed=4, matched_draws=3)
+
+    def arg(cmd, flag):
+        return cmd[cmd.index(flag) + 1]
+
+    match_perplexity(cfg, tmp_path / "model", tmp_path / "disc", tmp_path / "data", tmp_path)
+    assert [(arg(c, "--top"), arg(c, "--seed"), arg(c, "--pool"), log) for c, log in calls] == [
+        ("2,1", "4", "random,bottom", "perplexity-matched.log"),
+        ("2", "5", "random", "perplexity-matched-s5.log"), ("2", "6", "random", "perplexity-matched-s6.log")]
+    for name in ("perplexity-matched-top2-s4", "perplexity-matched-bottom-top2", "perplexity-matched-top1-s4",
+                 "perplexity-matched-bottom-top1", "perplexity-matched-top2-s6"):
+        (sets / f"{name}.json").write_text("{}")
+    calls.clear()
+    match_perplexity(cfg, tmp_path / "model", tmp_path / "disc", tmp_path / "data", tmp_path)
+    assert [(arg(c, "--top"), arg(c, "--seed"), arg(c, "--pool")) for c, _ in calls] == [("2", "5", "random")]
+    (sets / "perplexity-matched-top2-s5.json").write_text("{}")
+    calls.clear()
+    match_perplexity(cfg, tmp_path / "model", tmp_path / "disc", tmp_path / "data", tmp_path)
+    assert calls == []

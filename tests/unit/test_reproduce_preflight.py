@@ -89,6 +89,25 @@ def test_preflight_refuses_an_output_folder_with_other_settings(tmp_path):
         preflight(first)
 
 
+def test_more_draws_of_the_matched_control_resume_a_folder(tmp_path):
+    """matched_draws only adds conditions of its own (other seeds, other labels), so a
+    folder takes a new value, and one from before the setting (one draw) resumes."""
+    data = _data(tmp_path / "d")
+    out = tmp_path / "out"
+    out.mkdir()
+    first = ReproduceConfig(preset="powered", out=out, data_dir=data)
+    old = json.loads(first.model_dump_json())
+    del old["matched_draws"]  # as a powered folder from before the setting recorded itself
+    (out / "config.json").write_text(json.dumps(old))
+    assert first.matched_draws == 3
+    preflight(first)
+    preflight(first.model_copy(update={"matched_draws": 5}))
+    with pytest.raises(PreflightError, match=r"tse_per_test 200 -> 100"):
+        preflight(first.model_copy(update={"tse_per_test": 100, "matched_draws": 5}))
+    with pytest.raises(ValueError, match="matched_draws must be >= 1"):
+        ReproduceConfig(matched_draws=0)
+
+
 def test_the_default_output_folder_is_per_model_and_preset(tmp_path):
     assert ReproduceConfig().out_dir() == Path("docs/results/standard/smollm2-135m")
     assert ReproduceConfig(preset="powered").out_dir() == Path("docs/results/smollm2-135m")
