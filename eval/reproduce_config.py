@@ -229,8 +229,9 @@ def set_name_for(kind: str, top: float, seed: int) -> str:
 
 
 def condition_sets(cfg: ReproduceConfig) -> list[ConditionSpec]:
-    """Every condition of the run: the baseline, the main p's kinds, then the other p's,
-    then the further draws of the random perplexity-matched control (``matched_draws``)."""
+    """Every condition of the run, in the order they are scored: the baseline, the main
+    p's kinds and the further draws of its random perplexity-matched control
+    (``matched_draws``), then the other p's."""
     out = [ConditionSpec(label=BASELINE, kind=BASELINE, top=None, set_name=None,
                          description=KINDS[0][1], main=True, full_blimp=cfg.full_blimp)]
     for p in cfg.top:
@@ -241,11 +242,12 @@ def condition_sets(cfg: ReproduceConfig) -> list[ConditionSpec]:
             out.append(ConditionSpec(
                 label=condition_label(kind, p), kind=kind, top=p, set_name=set_name_for(kind, p, cfg.seed),
                 description=desc, main=main, full_blimp=main and cfg.full_blimp and kind in FULL_BLIMP_KINDS))
-    out += [ConditionSpec(
-        label=f"{condition_label(REDRAWN_KIND, cfg.main_top)}-s{cfg.seed + draw}", kind=REDRAWN_KIND,
-        top=cfg.main_top, set_name=set_name_for(REDRAWN_KIND, cfg.main_top, cfg.seed + draw),
-        description=f"{dict(KINDS)[REDRAWN_KIND]}; draw {draw + 1} (seed {cfg.seed + draw})",
-        main=False, full_blimp=False, draw=draw) for draw in range(1, cfg.matched_draws)]
+        if main:  # the main p's comparisons complete before the sweep's other p
+            out += [ConditionSpec(
+                label=f"{condition_label(REDRAWN_KIND, p)}-s{cfg.seed + draw}", kind=REDRAWN_KIND, top=p,
+                set_name=set_name_for(REDRAWN_KIND, p, cfg.seed + draw),
+                description=f"{dict(KINDS)[REDRAWN_KIND]}; draw {draw + 1} (seed {cfg.seed + draw})",
+                main=False, full_blimp=False, draw=draw) for draw in range(1, cfg.matched_draws)]
     return out
 
 

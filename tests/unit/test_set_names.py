@@ -46,16 +46,16 @@ def test_a_sweep_serves_each_p_and_the_mirror_only_at_the_main_p():
     assert labels == [
         "baseline", "wasserstein-negative-top2", "wasserstein-positive-top2", "random-negative-top2",
         "perplexity-matched-negative-top2", "perplexity-matched-bottom-negative-top2",
-        "wasserstein-negative-top1", "random-negative-top1", "perplexity-matched-negative-top1",
-        "perplexity-matched-bottom-negative-top1",
         # the powered preset's further draws of the random matched control, at the main p only
-        "perplexity-matched-negative-top2-s1", "perplexity-matched-negative-top2-s2"]
+        "perplexity-matched-negative-top2-s1", "perplexity-matched-negative-top2-s2",
+        "wasserstein-negative-top1", "random-negative-top1", "perplexity-matched-negative-top1",
+        "perplexity-matched-bottom-negative-top1"]
     assert [s.set_name for s in specs if s.top == 1.0] == [
         set_names.wasserstein_top(1), set_names.random_control(1, 0), set_names.perplexity_matched(1, 0),
         set_names.perplexity_matched(1, 0, pool="bottom")]
     assert [(s.set_name, s.draw, s.main) for s in specs if s.draw] == [
         (set_names.perplexity_matched(2, 1), 1, False), (set_names.perplexity_matched(2, 2), 2, False)]
-    assert [s.label for s in condition_sets(cfg.model_copy(update={"matched_draws": 1}))] == labels[:-2]
+    assert [s.label for s in condition_sets(cfg.model_copy(update={"matched_draws": 1}))] == labels[:6] + labels[8:]
     # all of BLiMP for the main p's baseline, Wasserstein, random and bottom-matched conditions
     assert [s.label for s in specs if s.full_blimp] == [
         "baseline", "wasserstein-negative-top2", "random-negative-top2", "perplexity-matched-bottom-negative-top2"]
