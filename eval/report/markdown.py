@@ -153,6 +153,29 @@ def draws_table(draws: list[dict[str, Any]], head_to_head: list[dict[str, Any]])
     return lines
 
 
+def draws_summary(draws: list[dict[str, Any]], head_to_head: list[dict[str, Any]]) -> list[str]:
+    """One sentence per test: the range of the draws' effects, and how many draws the
+    Wasserstein set hurts more than, hurts less than, or cannot be told from."""
+    if len(draws) < 2:
+        return []
+    labels = {d["condition"] for d in draws}
+    lines = []
+    for task, name in (("blimp", "BLiMP"), ("tse", "TSE")):
+        deltas = [100 * d[f"{task}_delta"][0] for d in draws if f"{task}_delta" in d]
+        rows = [r for r in head_to_head if r["task"] == task and r["control"] in labels]
+        if not deltas or not rows:
+            continue
+        diffs = [100 * r["diff"] for r in rows]
+        verdicts = [r["verdict"] for r in rows]
+        lines.append(
+            f"{name}: the {len(deltas)} draws cost {min(deltas):+.1f} to {max(deltas):+.1f} points; the "
+            f"Wasserstein set minus a draw is {min(diffs):+.1f} to {max(diffs):+.1f} "
+            f"(verdicts: wasserstein hurts more {verdicts.count('wasserstein hurts more')}, control hurts "
+            f"more {verdicts.count('control hurts more')}, no difference detected "
+            f"{verdicts.count('no difference detected')}).")
+    return ["", *lines] if lines else []
+
+
 def premise_table(premise: list[dict[str, Any]]) -> list[str]:
     """Wasserstein vs other neurons over all layers (empty without the statistic)."""
     overall = {r["group"]: r for r in premise if r["layer"] == "all"}
@@ -194,7 +217,7 @@ def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, A
                   f"paradigm and {cfg.tse_per_test} TSE pairs per test, beside the Wasserstein set's "
                   "difference from it (`draws.csv`). Draws that disagree mean the comparison with *a* "
                   "random perplexity-matched set is decided by the draw, not by the neurons being random.",
-                  "", *draws]
+                  "", *draws, *draws_summary(data["draws"], data.get("head_to_head", []))]
     if len(cfg.top) > 1:
         lines += ["", "## Top-p sweep", "",
                   f"Every condition on the same {cfg.blimp_per_paradigm} BLiMP pairs per paradigm and "
@@ -233,5 +256,5 @@ SECTIONS = {"main": lambda data: main_table(data["rows"]), "sweep": lambda data:
             "draws": lambda data: draws_table(data.get("draws", []), data.get("head_to_head", []))}
 """Tables ``python -m eval.report FOLDER --print NAME`` prints from a report.json (for the README)."""
 
-__all__ = ["SECTIONS", "draws_table", "fmt_ci", "head_to_head_table", "header", "main_table", "matched_note", "premise_table", "render",
+__all__ = ["SECTIONS", "draws_summary", "draws_table", "fmt_ci", "head_to_head_table", "header", "main_table", "matched_note", "premise_table", "render",
            "sweep_table", "tse_field_table"]

@@ -244,3 +244,6 @@ def test_each_draw_of_the_matched_control_is_reported_and_compared(folder, tmp_p
     assert f"| {100 * vs_second['diff']:+.1f} [" in printed[3]
     text = (tmp_path / "REPORT.md").read_text()
     assert "draw by draw" in text and "perplexity-matched-negative (draw 2) | BLiMP" in text
+    lo, hi = sorted(100 * d["blimp_delta"][0] for d in draws.values())  # checked against numpy above
+    assert (f"BLiMP: the 2 draws cost {lo:+.1f} to {hi:+.1f} points" in text and "(verdicts: wasserstein hurts "
+            "more 0, control hurts more 1, no difference detected 1)" in text)
