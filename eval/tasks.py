@@ -132,6 +132,9 @@ class RunInfo(BaseModel):
     neuron_set: str | None
     set_via: str | None
     server_default: str | None = None  # the server's default set, when the run named none
+    # the content hash of the set scored (negablate serve's BASE@SET card; None: no set, or
+    # a server that does not say): which neurons and bounds these numbers are under
+    neuron_set_hash: str | None = None
     dtype: str | None = None  # what the scores were computed in (the server's word; None: unknown)
     tokenizer: dict[str, Any]
     echo_mode: str
@@ -258,7 +261,8 @@ def _run_info(scorer: CompletionsScorer, task: TaskName, options: dict[str, Any]
     return RunInfo(
         task=task, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         server=d["server"], model=d["model"], base_model=d["base_model"],
-        neuron_set=d["neuron_set"], set_via=d["set_via"], server_default=d["server_default"],
+        neuron_set=d["neuron_set"], neuron_set_hash=d["neuron_set_hash"], set_via=d["set_via"],
+        server_default=d["server_default"],
         dtype=d["dtype"], tokenizer=d["tokenizer"],
         echo_mode=d["echo_mode"], options=options, scoring=scorer.stats(),
         elapsed_s=round(elapsed, 3),

@@ -363,6 +363,8 @@ def test_a_set_replaced_under_the_same_name_is_never_answered_from_the_old_rows(
     assert a.score_ids([ids]) == [old] and a.set_hash == "aaaa"
     assert fake.bodies[-1]["vllm_xargs"] == {"neuron_set": "wd", "neuron_set_hash": "aaaa"}
     assert a.describe()["neuron_set_hash"] == "aaaa"
+    _, summary = evaluate_pairs(make_scorer(fake, tok_dir, model="fake@wd"), KNOWN_PAIRS[:2], "blimp")
+    assert summary.run.neuron_set_hash == "aaaa"  # the run records which content it scored
     fake.hashes["wd"] = "bbbb"  # PUT /v1/neuron-sets/wd with other neurons
     b = make_scorer(fake, tok_dir, model="fake@wd", cache=cache)
     n = fake.calls
