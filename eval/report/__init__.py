@@ -57,6 +57,7 @@ def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Pa
     drawn = {
         "phenomena": figures.plot_phenomena(data["phenomena"], out / "blimp_phenomena_deltas.png"),
         "sweep": figures.plot_sweep(data["sweep"], out / "sweep.png"),
+        "cost": figures.plot_cost_against_perplexity(data["sweep"], data["draws"], out / "cost_vs_perplexity.png"),
         "scores": figures.plot_scores(disc, out / "wasserstein_scores.png"),
         "counts": figures.plot_counts(data["rows"], out / "neuron_counts.png"),
         "premise": figures.plot_premise(data["premise"], out / "premise.png"),

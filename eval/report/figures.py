@@ -128,3 +128,47 @@ def plot_sweep(sweep: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_ylabel(ylabel)
     axes[0].legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_cost_against_perplexity(sweep: list[dict[str, Any]], draws: list[dict[str, Any]],
+                                 path: Path) -> Path | None:
+    """BLiMP and TSE deltas (points, 95% CI) against the perplexity ratio, one point per
+    condition and p (further draws of the matched control included; the positive-side
+    mirror left out, off any common scale).
+
+    Why: the paper's claim is that the Wasserstein set costs more grammar than its
+    perplexity cost predicts. If every ablation falls on one curve, grammar follows
+    perplexity; a Wasserstein point below the others' curve is the claim holding.
+    """
+    rows = [r for r in sweep if r["kind"] != "wasserstein-positive"] + [d for d in draws if d.get("draw")]
+    rows = [r for r in rows if r.get("ppl_ratio") and ("blimp_delta" in r or "tse_delta" in r)]
+    if len(rows) < 2:
+        return None
+    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    colors = {kind: f"C{i}" for i, kind in enumerate(kinds)}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, (task, label) in zip(axes, (("blimp", "BLiMP accuracy change (points)"),
+                                        ("tse", "TSE accuracy change (points)")), strict=True):
+        seen: set[str] = set()
+        for r in rows:
+            delta = r.get(f"{task}_delta")
+            if not delta:
+                continue
+            d, lo, hi = (100 * v for v in delta)
+            ax.errorbar([r["ppl_ratio"]], [d], yerr=[[d - lo], [hi - d]], marker="o", capsize=3,
+                        color=colors[r["kind"]], label=None if r["kind"] in seen else r["kind"])
+            seen.add(r["kind"])
+            ax.annotate(f"{r['top']:g}%" + (f" s{r['seed']}" if r.get("draw") else ""), (r["ppl_ratio"], d),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 1.05, not 1.05 x 10^0
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.set_xlabel("perplexity / baseline (raw WikiText-2 test)")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)

@@ -224,6 +224,13 @@ def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, A
                   f"{cfg.tse_per_test} TSE pairs per test (`sweep_table.csv`).", "", *sweep_table(data["sweep"])]
         if figures.get("sweep"):
             lines += ["", "![Deltas against p](sweep.png)"]
+    if figures.get("cost"):
+        lines += ["", "## Grammar cost against perplexity cost", "",
+                  "Each condition at each p (and each draw of the matched control) as its BLiMP and TSE "
+                  "change against its perplexity ratio. Where the points of all kinds fall on one curve, "
+                  "an ablation's grammar cost follows from its perplexity cost; the paper's claim is that "
+                  "the Wasserstein-negative points lie below the others'.", "",
+                  "![Grammar cost against perplexity cost](cost_vs_perplexity.png)"]
     if data["tse_by_field"]:
         lines += ["", f"## TSE by field (top {main_p:g}%)", "",
                   "Accuracy change in points [95% CI] under the paper's two metrics: mean per-token "

@@ -142,7 +142,8 @@ def test_ablations_change_scores_and_counts_match_the_sets(run):
     for label in ("wasserstein-negative-top10", "wasserstein-positive-top10", "random-negative-top10"):
         recs = [r for r in load_records(cfg.out / "runs" / label / "blimp") if r["paradigm"] == "adjunct_island"]
         assert any(abs(r["logprob_good"] - base[r["pair_id"]]["logprob_good"]) > 1e-4 for r in recs), label
-    for png in ("blimp_phenomena_deltas.png", "neuron_counts.png", "wasserstein_scores.png", "sweep.png"):
+    for png in ("blimp_phenomena_deltas.png", "neuron_counts.png", "wasserstein_scores.png", "sweep.png",
+                "cost_vs_perplexity.png"):
         assert (cfg.out / png).stat().st_size > 1000
 
 

@@ -244,6 +244,21 @@ def test_each_draw_of_the_matched_control_is_reported_and_compared(folder, tmp_p
     assert f"| {100 * vs_second['diff']:+.1f} [" in printed[3]
     text = (tmp_path / "REPORT.md").read_text()
     assert "draw by draw" in text and "perplexity-matched-negative (draw 2) | BLiMP" in text
+    assert "## Grammar cost against perplexity cost" in text
+    assert (tmp_path / "cost_vs_perplexity.png").stat().st_size > 1000
     lo, hi = sorted(100 * d["blimp_delta"][0] for d in draws.values())  # checked against numpy above
     assert (f"BLiMP: the 2 draws cost {lo:+.1f} to {hi:+.1f} points" in text and "(verdicts: wasserstein hurts "
             "more 0, control hurts more 1, no difference detected 1)" in text)
+
+
+def test_the_cost_chart_needs_two_conditions_with_perplexity(tmp_path):
+    from eval.report.figures import plot_cost_against_perplexity
+
+    row = {"kind": "wasserstein-negative", "top": 1.0, "ppl_ratio": 1.1, "blimp_delta": [-0.02, -0.03, -0.01]}
+    mirror = {**row, "kind": "wasserstein-positive", "ppl_ratio": 400.0}
+    no_ppl = {**row, "kind": "random-negative", "ppl_ratio": None}
+    assert plot_cost_against_perplexity([row, mirror, no_ppl], [], tmp_path / "a.png") is None
+    first_draw = {**row, "kind": "perplexity-matched-negative", "draw": 0, "seed": 0}
+    assert plot_cost_against_perplexity([row], [first_draw], tmp_path / "b.png") is None  # the sweep has it
+    path = plot_cost_against_perplexity([row], [{**first_draw, "draw": 1, "seed": 1}], tmp_path / "c.png")
+    assert path == tmp_path / "c.png" and path.stat().st_size > 1000
