@@ -207,6 +207,8 @@ MAIN_ONLY_KINDS = frozenset({"wasserstein-positive"})
 REDRAWN_KIND = "perplexity-matched-negative"
 # what the Wasserstein-negative set is compared with head to head (the paper's controls)
 CONTROL_KINDS = ("random-negative", "perplexity-matched-negative", "perplexity-matched-bottom-negative")
+# the controls a perplexity-matched search makes (the random pool's and the reference's bottom)
+MATCHED_KINDS = ("perplexity-matched-negative", "perplexity-matched-bottom-negative")
 LM_TASK_KINDS = ("wasserstein-negative", "perplexity-matched-negative", "perplexity-matched-bottom-negative")
 FULL_BLIMP_KINDS = frozenset({BASELINE, "wasserstein-negative", "random-negative",
                               "perplexity-matched-bottom-negative"})

@@ -20,8 +20,7 @@ from pydantic import BaseModel
 from eval.analysis.sweep import Condition, EvalSettings, pending_tasks
 from eval.data import load_blimp, load_tse, load_tse_ml, stratified_subsample
 from eval.progress_log import format_duration
-from eval.reproduce_config import ConditionSpec, ReproduceConfig, default_ks
-from vllm_negablate import set_names
+from eval.reproduce_config import MATCHED_KINDS, ConditionSpec, ReproduceConfig, condition_sets, default_ks
 
 __all__ = ["ScoringFolder", "Step", "measured_rate", "plan_lines", "run_status"]
 
@@ -107,8 +106,8 @@ def run_status(cfg: ReproduceConfig, data_dir: Path, folders: Sequence[ScoringFo
         Step(name="discovery", state="done" if (disc / "stats.json").is_file() else "pending",
              detail=f"{cfg.discovery_tokens:,} tokens, top {', '.join(f'{p:g}' for p in cfg.top)}%"),
     ]
-    matched = [set_names.perplexity_matched(p, cfg.seed, pool=pool) for p in cfg.top for pool in set_names.POOLS]
-    matched += [set_names.perplexity_matched(cfg.main_top, cfg.seed + d) for d in range(1, cfg.matched_draws)]
+    # every perplexity-matched set the run's conditions serve (each p, both pools, every draw)
+    matched = [s.set_name for s in condition_sets(cfg) if s.kind in MATCHED_KINDS]
     made = sum((disc / "sets" / f"{name}.json").is_file() for name in matched)
     steps.append(Step(name="perplexity-matched controls",
                       state="done" if made == len(matched) else "pending" if not made else "partly done",

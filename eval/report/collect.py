@@ -91,7 +91,8 @@ def collect(out: Path, disc: Path, specs: list[ConditionSpec], n_boot: int, seed
             sub |= _pair_cells(runs, spec.label, "tse", n_boot, seed)[0]
         if _done(runs, spec.label, "perplexity"):
             sub |= _ppl_cells(runs, spec.label)
-        if redrawn and spec.kind == REDRAWN_KIND and spec.top == specs_main_top(specs) and "blimp_acc" in sub:
+        # the draws: the first is the main p's condition of that kind, the others exist only there
+        if redrawn and spec.kind == REDRAWN_KIND and (spec.main or spec.draw) and "blimp_acc" in sub:
             draws.append(sub | {"draw": spec.draw, "seed": seed + spec.draw})
         if spec.draw:  # not a point of the sweep: reported beside the first draw
             if "blimp_acc" not in sub:
@@ -116,11 +117,6 @@ def collect(out: Path, disc: Path, specs: list[ConditionSpec], n_boot: int, seed
     tse_fields = tse_by_field(runs, specs, n_boot, seed) if _done(runs, BASELINE, "tse") else []
     return {"rows": rows, "sweep": sweep, "phenomena": phenomena, "tse_by_field": tse_fields,
             "pending": pending, "draws": draws}
-
-
-def specs_main_top(specs: list[ConditionSpec]) -> float | None:
-    """The main p: the top of the first condition that has one (``condition_sets`` order)."""
-    return next((s.top for s in specs if s.top is not None), None)
 
 
 def head_to_head(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) -> list[dict[str, Any]]:
