@@ -45,6 +45,7 @@ __all__ = [
     "minimal_detectable_effect",
     "paired_bootstrap_ci",
     "paired_diff_stderr",
+    "pooled_paired_difference",
     "unpaired_diff_stderr",
 ]
 
@@ -517,3 +518,63 @@ def compare_runs(
     if keys:
         rows.append(row(OVERALL, OVERALL, slice(None)))
     return rows
+
+
+def pooled_paired_difference(
+    records_a: Iterable[Any],
+    records_draws: Sequence[Iterable[Any]],
+    *,
+    correct_field: str = "correct",
+    n_boot: int = 10000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> ComparisonRow:
+    """Run A against several runs of one kind of control at once (the draws of a random
+    control), pair by pair: per pair ``d = a - mean_k(b_k)``, in ``{-1, ..., +1}`` in steps
+    of ``1/K``; ``delta`` = mean ``d`` (note: A minus the draws, unlike
+    :func:`compare_runs`' B minus A), its CI the percentile bootstrap over pairs
+    (:func:`bootstrap_mean_ci`, ``seed``). ``acc_a`` is A's accuracy, ``acc_b`` the draws'
+    mean accuracy; ``b01``/``b10`` count the pairs where A is right less / more often than
+    the draws on average; ``p_value`` is the one-sample t-test of ``d`` (McNemar needs two
+    runs); ``mde`` the smallest delta detected at power 0.8, ``2.8 sd(d) / sqrt(n)`` (with
+    one draw, ``sd(d)^2`` is the discordant rate less ``delta^2``: the paired MDE).
+
+    Why: each draw compared alone is as noisy as one run; averaging the draws' correctness
+    per pair removes most of the control's pair-level noise from the difference, so the CI
+    narrows toward A's own noise. The CI holds the draws fixed (it says how well these
+    pairs pin the difference from *these* draws, not how another draw would land: the spread
+    of the per-draw differences says that).
+
+    The runs must cover the same pairs (matched on ``(source, paradigm, pair_id)``; else
+    :class:`RunMismatchError`), and there must be at least one draw.
+    """
+    if not records_draws:
+        raise ValueError("no draws to pool")
+    ta = _Table(records_a, (), correct_field)
+    pa = _keyed(ta, "A")
+    keys = sorted(pa)
+    a = ta.correct[np.fromiter((pa[k] for k in keys), dtype=np.int64, count=len(keys))]
+    draws = []
+    for i, recs in enumerate(records_draws):
+        tb = _Table(recs, (), correct_field)
+        pb = _keyed(tb, f"draw {i}")
+        if pb.keys() != pa.keys():
+            raise RunMismatchError(f"draw {i} covers other pairs than run A: {len(pb)} vs {len(pa)} pairs, "
+                                   f"{len(pb.keys() ^ pa.keys())} differ")
+        draws.append(tb.correct[np.fromiter((pb[k] for k in keys), dtype=np.int64, count=len(keys))])
+    if not keys:
+        raise ValueError("no pairs to compare")
+    b = np.mean(np.stack(draws).astype(np.float64), axis=0)
+    d = a.astype(np.float64) - b
+    lo, hi = bootstrap_mean_ci(d, n_boot, alpha, seed)
+    if np.all(d == d[0]):  # no spread: the t statistic is undefined
+        p = 1.0 if d[0] == 0 else 0.0
+    else:
+        p = float(_sps.ttest_1samp(d, 0.0).pvalue)
+    sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
+    z = _sps.norm.ppf(1.0 - alpha / 2.0) + _sps.norm.ppf(0.8)
+    return ComparisonRow(
+        level=OVERALL, group=OVERALL, n=len(keys), acc_a=float(a.mean()), acc_b=float(b.mean()),
+        delta=float(d.mean()), ci_lo=lo, ci_hi=hi, b01=int((d < 0).sum()), b10=int((d > 0).sum()),
+        p_value=p, mde=float(z * sd / math.sqrt(d.size)),
+    )

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.report import figures
-from eval.report.collect import collect, head_to_head, matched_controls, premise_statistics
+from eval.report.collect import collect, head_to_head, matched_controls, pooled_draws, premise_statistics
 from eval.report.markdown import header, render
 from eval.report.tables import DRAW_COLUMNS, HEAD_TO_HEAD_COLUMNS, PREMISE_COLUMNS, TSE_FIELD_COLUMNS, write_csv
 from eval.reproduce_config import BASELINE, ConditionSpec
@@ -50,6 +50,7 @@ def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Pa
     data = collect(out, disc, specs, cfg.n_boot, cfg.seed)
     data["matched"] = matched_controls(disc, specs)
     data["head_to_head"] = head_to_head(out, specs, cfg.n_boot, cfg.seed)
+    data["draws_pooled"] = pooled_draws(out, specs, cfg.n_boot, cfg.seed)
     data["premise"] = premise_statistics(disc, cfg.main_top)
     discovery = _json(disc / "stats.json")
     model_meta = _json(model_dir / "negablate_model.json")

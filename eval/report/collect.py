@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from eval.reproduce_config import BASELINE, CONTROL_KINDS, REDRAWN_KIND, ConditionSpec
-from eval.stats import compare_runs
+from eval.stats import compare_runs, pooled_paired_difference
 from eval.tasks import load_records, load_summary
 
 
@@ -153,6 +153,41 @@ def head_to_head(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) 
                              "acc_wasserstein": overall.acc_b, "acc_control": overall.acc_a,
                              "diff": overall.delta, "ci_lo": overall.ci_lo, "ci_hi": overall.ci_hi,
                              "p": overall.p_value, "mde": overall.mde, "verdict": verdict})
+    return rows
+
+
+def pooled_draws(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """The Wasserstein-negative set at the main p against all finished draws of the random
+    perplexity-matched control at once (:func:`eval.stats.pooled_paired_difference`, from
+    ``runs/``, where every draw has the same pairs), per test; empty with fewer than two
+    draws. Each draw alone answers with its own noise; pooled, the difference is pinned
+    about as well as the Wasserstein run alone allows, so a "no difference" becomes a
+    bound on how much more the Wasserstein set can hurt (``ci_lo``). ``verdict`` as in
+    :func:`head_to_head`; ``draw_diffs``: each draw's own difference, the spread a new draw
+    would land in (the CI holds the draws fixed).
+    """
+    runs = out / "runs"
+    wasserstein = next((s for s in specs if s.kind == "wasserstein-negative" and s.main), None)
+    draws = [s for s in specs if s.kind == REDRAWN_KIND and (s.main or s.draw)]
+    if wasserstein is None or len(draws) < 2:
+        return []
+    rows = []
+    for task in ("blimp", "tse"):
+        finished = [s for s in sorted(draws, key=lambda s: s.draw) if _finished_in((runs,), task, s.label)]
+        if len(finished) < 2 or not _finished_in((runs,), task, wasserstein.label):
+            continue
+        own = load_records(runs / wasserstein.label / task)
+        each = [load_records(runs / s.label / task) for s in finished]
+        pooled = pooled_paired_difference(own, each, n_boot=n_boot, seed=seed)
+        verdict = ("wasserstein hurts more" if pooled.ci_hi < 0 else
+                   "control hurts more" if pooled.ci_lo > 0 else "no difference detected")
+        rows.append({"top": wasserstein.top, "task": task, "draws": len(finished),
+                     "controls": [s.label for s in finished], "n": pooled.n,
+                     "acc_wasserstein": pooled.acc_a, "acc_draws": pooled.acc_b, "diff": pooled.delta,
+                     "ci_lo": pooled.ci_lo, "ci_hi": pooled.ci_hi, "p": pooled.p_value, "mde": pooled.mde,
+                     "draw_diffs": [pooled.acc_a - load_summary(runs / s.label / task).overall.accuracy
+                                    for s in finished],
+                     "verdict": verdict})
     return rows
 
 

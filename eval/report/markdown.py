@@ -176,6 +176,31 @@ def draws_summary(draws: list[dict[str, Any]], head_to_head: list[dict[str, Any]
     return ["", *lines] if lines else []
 
 
+def draws_pooled(pooled: list[dict[str, Any]]) -> list[str]:
+    """One sentence per test: the Wasserstein set against all draws at once, and what the
+    pooled CI bounds (empty with fewer than two draws)."""
+    lines = []
+    for r in pooled:
+        name = {"blimp": "BLiMP", "tse": "TSE"}[r["task"]]
+        diff, lo, hi = (100 * r[k] for k in ("diff", "ci_lo", "ci_hi"))
+        if r["verdict"] == "no difference detected":
+            reading = (f"no difference detected (95%: the Wasserstein set costs at most {-lo:.1f} points more "
+                       f"and at most {hi:.1f} less than these draws on average)")
+        else:
+            reading = f"**{r['verdict']}**"
+        spread = [100 * d for d in r["draw_diffs"]]
+        lines.append(
+            f"{name}, pooled over the {r['draws']} draws: Wasserstein minus the draws' mean "
+            f"{fmt_ci(r['diff'], r['ci_lo'], r['ci_hi'])} on {r['n']:,} pairs (MDE {100 * r['mde']:.1f}, "
+            f"p {fmt_p(r['p'])}): {reading}; one draw at a time it was {min(spread):+.1f} to {max(spread):+.1f}.")
+    if not lines:
+        return []
+    return ["", "Pooled, the difference is the per-pair mean of the Wasserstein set's correctness minus "
+            "the draws' mean correctness, with a bootstrap CI over pairs that holds these draws fixed "
+            "(`report.json` `draws_pooled`; the single-draw range shows how far a new draw may land):",
+            "", *[f"- {line}" for line in lines]]
+
+
 def premise_table(premise: list[dict[str, Any]]) -> list[str]:
     """Wasserstein vs other neurons over all layers (empty without the statistic)."""
     overall = {r["group"]: r for r in premise if r["layer"] == "all"}
@@ -217,7 +242,8 @@ def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, A
                   f"paradigm and {cfg.tse_per_test} TSE pairs per test, beside the Wasserstein set's "
                   "difference from it (`draws.csv`). Draws that disagree mean the comparison with *a* "
                   "random perplexity-matched set is decided by the draw, not by the neurons being random.",
-                  "", *draws, *draws_summary(data["draws"], data.get("head_to_head", []))]
+                  "", *draws, *draws_summary(data["draws"], data.get("head_to_head", [])),
+                  *draws_pooled(data.get("draws_pooled", []))]
     if len(cfg.top) > 1:
         lines += ["", "## Top-p sweep", "",
                   f"Every condition on the same {cfg.blimp_per_paradigm} BLiMP pairs per paradigm and "
@@ -260,8 +286,9 @@ SECTIONS = {"main": lambda data: main_table(data["rows"]), "sweep": lambda data:
             "tse-fields": lambda data: tse_field_table(data["tse_by_field"]),
             "premise": lambda data: premise_table(data.get("premise", [])),
             "head-to-head": lambda data: head_to_head_table(data.get("head_to_head", [])),
-            "draws": lambda data: draws_table(data.get("draws", []), data.get("head_to_head", []))}
+            "draws": lambda data: draws_table(data.get("draws", []), data.get("head_to_head", [])),
+            "draws-pooled": lambda data: draws_pooled(data.get("draws_pooled", []))[3:]}
 """Tables ``python -m eval.report FOLDER --print NAME`` prints from a report.json (for the README)."""
 
-__all__ = ["SECTIONS", "draws_summary", "draws_table", "fmt_ci", "head_to_head_table", "header", "main_table", "matched_note", "premise_table", "render",
+__all__ = ["SECTIONS", "draws_pooled", "draws_summary", "draws_table", "fmt_ci", "head_to_head_table", "header", "main_table", "matched_note", "premise_table", "render",
            "sweep_table", "tse_field_table"]

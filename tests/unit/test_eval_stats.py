@@ -17,6 +17,7 @@ from eval.stats import (
     mcnemar,
     paired_bootstrap_ci,
     paired_diff_stderr,
+    pooled_paired_difference,
     unpaired_diff_stderr,
 )
 
@@ -365,3 +366,57 @@ def test_comparison_rows_carry_their_mde():
     row = compare_runs(a, b, group_keys=())[0]
     assert (row.b01 + row.b10) == 20
     assert row.mde == pytest.approx(minimal_detectable_effect(200, 20 / 200))
+
+
+def _records(correct: np.ndarray, order: np.ndarray | None = None) -> list[dict]:
+    """BLiMP-like records of ``correct`` in 4 paradigms, listed in ``order``."""
+    idx = np.arange(correct.size) if order is None else order
+    return [{"source": "blimp", "paradigm": f"p{i % 4}", "pair_id": int(i), "phenomenon": "x",
+             "correct": bool(correct[i])} for i in idx]
+
+
+def test_pooled_difference_against_numpy():
+    """A against three draws: delta, CI (the plain bootstrap loop over pairs sorted by key),
+    t-test p and MDE computed here by hand; record order does not matter."""
+    rng = np.random.default_rng(5)
+    n = 600
+    a = rng.random(n) < 0.62
+    draws = [rng.random(n) < q for q in (0.74, 0.78, 0.75)]
+    row = pooled_paired_difference(_records(a), [_records(d, rng.permutation(n)) for d in draws],
+                                   n_boot=400, seed=3)
+    order = sorted(range(n), key=lambda i: (f"p{i % 4}", i))
+    d = a[order].astype(float) - np.mean([x[order] for x in draws], axis=0)
+    assert row.delta == pytest.approx(a.mean() - np.mean([x.mean() for x in draws]))
+    assert row.delta == pytest.approx(d.mean())
+    loop = np.random.default_rng(3)
+    reps = [d[loop.integers(0, n, n)].mean() for _ in range(400)]
+    assert (row.ci_lo, row.ci_hi) == pytest.approx(tuple(np.quantile(reps, [0.025, 0.975])))
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(n))
+    assert row.p_value == pytest.approx(2 * (1 - __import__("scipy").stats.t.cdf(abs(t), n - 1)))
+    assert row.mde == pytest.approx((1.959964 + 0.841621) * d.std(ddof=1) / math.sqrt(n), rel=1e-5)
+    assert row.acc_a == pytest.approx(a.mean()) and row.n == n
+    assert row.b01 == int((d < 0).sum()) and row.b10 == int((d > 0).sum())
+    assert row.ci_lo < row.delta < row.ci_hi < 0  # A is clearly worse than the draws here
+
+
+def test_pooled_difference_narrows_the_single_draw_interval_and_refuses_other_pairs():
+    """One draw gives the paired comparison's delta (sign flipped: A minus the draw); pooling
+    three noisy draws of one control gives a narrower CI than any of them alone; a draw on
+    other pairs, or no draw at all, is refused."""
+    rng = np.random.default_rng(9)
+    n = 5000
+    a = rng.random(n) < 0.75
+    draws = [rng.random(n) < 0.75 for _ in range(3)]
+    (single,) = [r for r in compare_runs(_records(draws[0]), _records(a), group_keys=(), n_boot=300) if
+                 r.level == "overall"]
+    one = pooled_paired_difference(_records(a), [_records(draws[0])], n_boot=300)
+    assert one.delta == pytest.approx(single.delta)
+    assert one.mde == pytest.approx(single.mde, rel=0.02)
+    pooled = pooled_paired_difference(_records(a), [_records(x) for x in draws], n_boot=300)
+    widths = [pooled_paired_difference(_records(a), [_records(x)], n_boot=300) for x in draws]
+    # independent draws: sd(d) from sqrt(2) s to sqrt(4/3) s, the width by about 0.82
+    assert pooled.ci_hi - pooled.ci_lo < 0.9 * np.mean([w.ci_hi - w.ci_lo for w in widths])
+    with pytest.raises(RunMismatchError, match="draw 1 covers other pairs"):
+        pooled_paired_difference(_records(a), [_records(draws[0]), _records(draws[1][:-1])])
+    with pytest.raises(ValueError, match="no draws"):
+        pooled_paired_difference(_records(a), [])

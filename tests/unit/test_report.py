@@ -249,6 +249,24 @@ def test_each_draw_of_the_matched_control_is_reported_and_compared(folder, tmp_p
     lo, hi = sorted(100 * d["blimp_delta"][0] for d in draws.values())  # checked against numpy above
     assert (f"BLiMP: the 2 draws cost {lo:+.1f} to {hi:+.1f} points" in text and "(verdicts: wasserstein hurts "
             "more 0, control hurts more 1, no difference detected 1)" in text)
+    # pooled over both finished draws, against numpy (pairs in key order, the plain bootstrap loop)
+    pooled = {r["task"]: r for r in report["draws_pooled"]}
+    assert sorted(pooled) == ["blimp", "tse"] and pooled["blimp"]["draws"] == 2
+    order = sorted(range(400), key=lambda i: (f"paradigm_{i % 5}", i))
+    d = arr["ablated"][order].astype(float) - (first[order].astype(float) + second[order]) / 2
+    assert pooled["blimp"]["diff"] == pytest.approx(d.mean())
+    loop = np.random.default_rng(cfg.seed)
+    reps = [d[loop.integers(0, 400, 400)].mean() for _ in range(cfg.n_boot)]
+    assert (pooled["blimp"]["ci_lo"], pooled["blimp"]["ci_hi"]) == pytest.approx(
+        tuple(np.quantile(reps, [0.025, 0.975])))
+    assert pooled["blimp"]["draw_diffs"] == pytest.approx([arr["ablated"].mean() - first.mean(),
+                                                           arr["ablated"].mean() - second.mean()])
+    assert pooled["blimp"]["verdict"] == ("control hurts more" if pooled["blimp"]["ci_lo"] > 0 else
+                                          "no difference detected")
+    assert f"BLiMP, pooled over the 2 draws: Wasserstein minus the draws' mean {100 * d.mean():+.1f} [" in text
+    report_main(tmp_path, "draws-pooled")
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 and printed[0].startswith("- BLiMP, pooled over the 2 draws")
 
 
 def test_the_cost_chart_needs_two_conditions_with_perplexity(tmp_path):
