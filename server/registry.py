@@ -183,12 +183,20 @@ class SetRegistry:
         """``get(name).content_hash()``, computed once per uploaded content: the
         completions middleware checks it on every request that names a hash, and
         /v1/models lists it on every ``BASE@SET`` card."""
-        ns = self.get(name)
-        known = self._hashes.get(name)
-        if known is None or known[0] is not ns:
-            known = (ns, ns.content_hash())
-            self._hashes[name] = known
-        return known[1]
+        return self.hash_of(self.get(name))
+
+    def hash_of(self, ns: NeuronSet) -> str:
+        """``ns.content_hash()``, reused while ``ns`` is the object the registry holds under
+        its name (a listing describes each set; a PUT's reply describes the object it
+        uploaded, which another upload may already have replaced: then it is hashed
+        afresh and not remembered)."""
+        known = self._hashes.get(ns.name)
+        if known is not None and known[0] is ns:
+            return known[1]
+        digest = ns.content_hash()
+        if self.sets.get(ns.name) is ns:
+            self._hashes[ns.name] = (ns, digest)
+        return digest
 
     async def delete(self, name: str) -> None:
         """Remove a set once the requests using it have finished (bounded wait)."""

@@ -98,7 +98,7 @@ router = APIRouter(
 def _summary(reg: SetRegistry, ns: NeuronSet) -> NeuronSetSummary:
     return NeuronSetSummary(
         name=ns.name,
-        content_hash=ns.content_hash(),
+        content_hash=reg.hash_of(ns),
         num_neurons=ns.num_neurons(),
         layers=ns.counts_per_layer(),
         modes=sorted({e.mode.value for e in ns.entries}),

@@ -185,3 +185,25 @@ def test_delete_clears_default_and_file(engine, tmp_path):
     run(reg.delete("a"))
     assert reg.default is None and rt.default_name is None and not (tmp_path / "a.json").exists()
     assert json.loads((tmp_path / ".default.json").read_text()) == {"name": None}
+
+
+def test_the_content_hash_is_computed_once_per_held_object(engine, tmp_path, monkeypatch):
+    """The registry hashes the set it holds once (listings, the middleware's check); a
+    replaced name is hashed afresh; an object it no longer holds (a PUT's reply after another
+    upload won the race) gets its own hash, and the name keeps the held object's."""
+    _, rpc, _ = engine
+    reg = SetRegistry(rpc, tmp_path, max_resident=4)
+    run(reg.startup())
+    calls = []
+    real = NeuronSet.content_hash
+    monkeypatch.setattr(NeuronSet, "content_hash", lambda self: calls.append(self.name) or real(self))
+    first, second = make_set("a", (1, 2)), make_set("a", (3,))
+    run(reg.put(first))
+    calls.clear()  # what put itself hashes is the workers' business
+    held = reg.content_hash("a")
+    assert reg.content_hash("a") == reg.hash_of(first) == held == real(first) and calls == ["a"]
+    run(reg.put(second))
+    calls.clear()
+    assert reg.content_hash("a") == reg.content_hash("a") == real(second) != held and len(calls) == 1
+    assert reg.hash_of(first) == reg.hash_of(first) == held and len(calls) == 3  # not held: never remembered
+    assert reg.content_hash("a") == real(second) and len(calls) == 3
