@@ -26,7 +26,9 @@ Resumable: each condition's lm_eval output lives in ``runs/<condition>/<signatur
 where the signature hashes everything that changes the numbers (tasks, limit,
 model name, tokenizer, BOS handling, ...); a condition with a results file there is
 not run again. A different task list therefore runs the condition again (into a
-new folder); the old results stay on disk.
+new folder); the old results stay on disk. Within a condition, lm_eval keeps every
+answer in ``request-cache/<set content>-<dtype>_rank0.db`` (its ``--use_cache``) as it
+comes, so a condition interrupted after an hour resumes where it stopped.
 
 Layout of ``--out``::
 
@@ -34,6 +36,7 @@ Layout of ``--out``::
     local_tasks/                                generated task YAMLs (+ data), given to --include_path
     runs/<condition>/<signature>/request.json   what was asked of lm_eval
     runs/<condition>/<signature>/<model>/results_*.json, samples_*.jsonl   lm_eval's own files
+    runs/<condition>/<signature>/request-cache/<content>-<dtype>_rank0.db   answers so far (resume)
     logs/<condition>.log, logs/server.log
 """
 
@@ -143,8 +146,10 @@ def _completions_url(server: str) -> str:
     return normalize_base_url(server) + "/v1/completions"
 
 
-def lm_eval_command(cfg: LmTasksConfig, cond: Condition, include_path: Path | None, output_path: Path) -> list[str]:
-    """The ``python -m lm_eval`` command line for one condition."""
+def lm_eval_command(cfg: LmTasksConfig, cond: Condition, include_path: Path | None, output_path: Path,
+                    request_cache: Path | None = None) -> list[str]:
+    """The ``python -m lm_eval`` command line for one condition; ``request_cache``: lm_eval's
+    ``--use_cache`` (its sqlite file of answered requests, see :func:`request_cache_path`)."""
     margs = [f"model={cond.model}", f"base_url={_completions_url(cfg.server)}",
              "tokenizer_backend=huggingface", f"tokenizer={cfg.tokenizer}",
              f"num_concurrent={cfg.num_concurrent}", f"max_retries={cfg.max_retries}",
@@ -164,7 +169,29 @@ def lm_eval_command(cfg: LmTasksConfig, cond: Condition, include_path: Path | No
         cmd += ["--num_fewshot", str(cfg.num_fewshot)]
     if cfg.log_samples:
         cmd.append("--log_samples")
+    if request_cache is not None:
+        cmd += ["--use_cache", str(request_cache)]
     return cmd
+
+
+def request_cache_key(card: Mapping[str, Any]) -> str:
+    """What a cached lm_eval answer depends on besides the request, from the condition's
+    model card in ``/v1/models``: the set's content (``negablate_content_hash``; ``none``
+    for the unablated model) and the dtype the engine computes in (``negablate_dtype``,
+    listed on the base model's card).
+    lm_eval's cache keys an answer by the request alone (not the model, not the server),
+    so the file must differ whenever these do: a set replaced under its name, or a server
+    restarted in another dtype, starts a new file instead of reusing the old answers."""
+    content = str(card.get("negablate_content_hash") or "none")
+    dtype = str(card.get("negablate_dtype") or "unknown-dtype")
+    return f"{content}-{dtype}"
+
+
+def request_cache_path(cfg: LmTasksConfig, cond: Condition, key: str) -> Path:
+    """The prefix lm_eval's ``--use_cache`` takes (it appends ``_rank0.db``): a condition
+    interrupted mid-run (a session ending, a crash) resumes from the requests answered so
+    far instead of from its first request."""
+    return condition_dir(cfg, cond) / "request-cache" / key
 
 
 def prepare_include_path(cfg: LmTasksConfig) -> tuple[Path | None, bool]:
@@ -176,22 +203,26 @@ def prepare_include_path(cfg: LmTasksConfig) -> tuple[Path | None, bool]:
     return build_include_path(cfg.tasks, cfg.include_paths, cfg.out / "local_tasks", cfg.data_dir)
 
 
-def check_server_models(cfg: LmTasksConfig, conditions: Sequence[Condition], api_key: str | None = None) -> None:
+def check_server_models(cfg: LmTasksConfig, conditions: Sequence[Condition],
+                        api_key: str | None = None) -> dict[str, str]:
     """Fail before lm_eval starts if the server does not serve every condition's
-    model name (lm_eval would otherwise retry each request and then crash)."""
+    model name (lm_eval would otherwise retry each request and then crash). Returns each
+    condition's :func:`request_cache_key`, read from the same listing."""
     from server.http import normalize_base_url
     from server.http import ModelListError, list_models, models_url
 
     base = normalize_base_url(cfg.server)
     url = models_url(base)
     try:
-        ids = {m["id"] for m in list_models(base, api_key, timeout=30)}
+        cards = {m["id"]: m for m in list_models(base, api_key, timeout=30)}
     except ModelListError as e:
         raise RuntimeError(f"cannot list the server's models at {url}: {e.reason}") from e
-    missing = [c.model for c in conditions if c.model not in ids]
+    missing = [c.model for c in conditions if c.model not in cards]
     if missing:
         raise RuntimeError(f"the server at {cfg.server} does not serve {', '.join(missing)} "
-                           f"(it lists: {', '.join(sorted(ids))}); upload the sets or fix --model/--set")
+                           f"(it lists: {', '.join(sorted(cards))}); upload the sets or fix --model/--set")
+    base = cards.get(cfg.model, {})  # the dtype is on the base model's card only
+    return {c.label: request_cache_key({**base, **cards[c.model]}) for c in conditions}
 
 
 # =========================================================================== running
@@ -229,9 +260,13 @@ def local_index_command(cmd: list[str]) -> list[str]:
 
 
 def run_condition(cfg: LmTasksConfig, cond: Condition, include: Path | None, offline: bool,
-                  api_key: str | None = None, local_index: bool = False) -> Path:
+                  api_key: str | None = None, local_index: bool = False,
+                  cache_key: str | None = None) -> Path:
     """Run lm_eval for one condition; returns its results JSON. Output goes to
     ``logs/<condition>.log`` (lm_eval's progress bars included).
+
+    ``cache_key`` (:func:`request_cache_key`): keep lm_eval's answers in
+    :func:`request_cache_path`, so a rerun asks the server only what it has not answered.
 
     ``local_index``: every task is defined under ``include``, so lm_eval indexes only
     that folder (much faster start). Should a local task still need a bundled one (a
@@ -239,7 +274,11 @@ def run_condition(cfg: LmTasksConfig, cond: Condition, include: Path | None, off
     """
     folder = condition_dir(cfg, cond)
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = lm_eval_command(cfg, cond, include, folder)
+    cache = None
+    if cache_key is not None:
+        cache = request_cache_path(cfg, cond, cache_key)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    cmd = lm_eval_command(cfg, cond, include, folder, cache)
     (folder / "request.json").write_text(json.dumps({
         "condition": cond.model_dump(), "tasks": cfg.tasks, "limit": cfg.limit, "command": cmd,
         "task_index": "include_path only" if local_index and include is not None else "lm_eval's and include_path",
@@ -296,7 +335,7 @@ def run_all(cfg: LmTasksConfig, api_key: str | None = None,
             cfg = cfg.model_copy(update={"server": server.url})
         if cfg.server is None:
             raise ValueError("no server: give LmTasksConfig.server or a server_factory")
-        check_server_models(cfg, pending, api_key)
+        cache_keys = check_server_models(cfg, pending, api_key)
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("[bold]lm_eval[/bold] {task.description}"), BarColumn(),
@@ -306,7 +345,8 @@ def run_all(cfg: LmTasksConfig, api_key: str | None = None,
             for c in pending:
                 prog.update(bar, description=f"{c.label} ({', '.join(cfg.tasks)}; log: {cfg.out / 'logs'})")
                 t0 = time.monotonic()
-                done[c.label] = run_condition(cfg, c, include, offline, api_key, local_index=all_local)
+                done[c.label] = run_condition(cfg, c, include, offline, api_key, local_index=all_local,
+                                              cache_key=cache_keys[c.label])
                 prog.console.print(f"{c.label}: {time.monotonic() - t0:.0f} s -> {done[c.label]}")
                 prog.advance(bar)
     finally:
@@ -655,7 +695,7 @@ def register(app: typer.Typer) -> None:
         limit: int | None = typer.Option(None, "--limit", "-n", help="First N documents of each task "
                                                                     "(lm_eval --limit)."),
         out: Path = typer.Option(Path("report/lm_tasks"), "--out", "-o",
-                                 help="Output folder (rerun to resume; finished conditions are skipped)."),
+                                 help="Output folder (rerun to resume: finished conditions are skipped, an interrupted one asks the server only what it has not answered)."),
         include_path: list[Path] | None = typer.Option(
             None, "--include-path", help="Folder of your own lm_eval task YAMLs (repeatable)."),
         data_dir: Path | None = typer.Option(None, help="Data root for local tasks (default: ../shared/data "

@@ -266,3 +266,40 @@ def test_rerun_starts_nothing(run, served, monkeypatch):
     assert r.exit_code == 0, f"{r.output}\n{r.exception!r}"
     again = lt.load_result(out)
     assert again.rows == result.rows and again.results_files == result.results_files
+
+
+def test_an_interrupted_condition_resumes_from_its_answered_requests(run, served, oracle_scores, tmp_path):
+    """Every answer lm_eval got is in the condition's request cache (named by the set's
+    content hash and the server's dtype), equal to the oracle's log-likelihoods; a rerun of
+    that condition with its results gone asks the server nothing (it points at a closed
+    port here) and reproduces the results."""
+    import shutil
+
+    from sqlitedict import SqliteDict
+
+    from eval.analysis import lm_tasks as lt
+
+    result, out, _ = run
+    _, _, ns, _ = served
+    cfg = lt.LmTasksConfig(server="http://127.0.0.1:9", model="tiny", tokenizer=str(served[1]), sets=[SET],
+                           tasks=["tiny_mc", "piqa_local"], limit=LIMIT, max_length=512, out=tmp_path / "out")
+    shutil.copytree(out, cfg.out)
+    cond = next(c for c in cfg.conditions() if c.label == SET)
+    key = f"{ns.content_hash()}-float32"
+    db = lt.request_cache_path(cfg, cond, key).with_name(f"{key}_rank0.db")
+    assert sorted(p.name for p in db.parent.iterdir()) == [db.name]
+    with SqliteDict(str(db)) as cache:
+        answers = sorted(float(v[0]) for v in cache.values())
+    expected = sorted(ll for task in ("tiny_mc", "piqa_local") for _, _, lls in oracle_scores[(task, SET)]
+                      for ll in lls)
+    assert len(answers) == len(expected) == sum(len(c) for c in (i["choices"] for i in ITEMS)) + 2 * LIMIT
+    np.testing.assert_allclose(answers, expected, atol=TOL)
+    for f in lt.condition_dir(cfg, cond).rglob("results_*.json"):
+        f.unlink()
+    include, _ = lt.prepare_include_path(cfg.model_copy(update={"include_paths": [out.parent / "tiny_task"]}))
+    res = lt.run_condition(cfg, cond, include, offline=True, cache_key=key)
+    again = json.loads(res.read_text())["results"]
+    before = json.loads(Path(result.results_files[SET]).read_text())["results"]
+    for task in ("tiny_mc", "piqa_local"):
+        assert again[task]["acc,none"] == before[task]["acc,none"]
+        assert again[task]["acc_norm,none"] == before[task]["acc_norm,none"]

@@ -288,3 +288,47 @@ def test_local_task_index_falls_back_to_the_full_index(tmp_path, monkeypatch):
     calls.clear()
     lt.run_condition(cfg, cond, inc, offline=True, local_index=False)
     assert calls == [plain]
+
+
+def test_answers_are_cached_per_set_content_and_dtype(tmp_path, monkeypatch):
+    """lm_eval gets --use_cache under the condition's folder, in a file named by the set's
+    content hash and the server's dtype (lm_eval keys answers by the request alone): the
+    same content and dtype reuse the file, other content or another dtype get another one."""
+    assert lt.request_cache_key({"id": "m@a", "negablate_content_hash": "abc", "negablate_dtype": "float32"}) \
+        == "abc-float32"
+    assert lt.request_cache_key({"id": "m@none", "negablate_dtype": "bfloat16"}) == "none-bfloat16"
+    assert lt.request_cache_key({"id": "m"}) == "none-unknown-dtype"  # a plain vLLM server
+    cfg = lt.LmTasksConfig(server="http://x", model="m", tokenizer="/t", sets=["a"], tasks=["mine"], out=tmp_path)
+    cond = cfg.conditions()[1]
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        out = lt.condition_dir(cfg, cond) / "m"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results_2026-01-01T00-00-00.json").write_text(json.dumps(RESULTS_BASE))
+        return Done()
+
+    monkeypatch.setattr(lt.subprocess, "run", fake_run)
+    lt.run_condition(cfg, cond, None, offline=True, cache_key="abc-float32")
+    cache = lt.condition_dir(cfg, cond) / "request-cache" / "abc-float32"
+    assert calls[-1][calls[-1].index("--use_cache") + 1] == str(cache) and cache.parent.is_dir()
+    assert lt.request_cache_path(cfg, cond, "abc-float32") == cache
+    assert lt.request_cache_path(cfg, cond, "def-float32") != cache
+    lt.run_condition(cfg, cond, None, offline=True)
+    assert "--use_cache" not in calls[-1]
+
+
+def test_the_server_listing_gives_each_condition_its_cache_key(monkeypatch):
+    import server.http as http
+
+    cards = [{"id": "m", "negablate_dtype": "float32", "negablate_default": "a"}, {"id": "m@none"},
+             {"id": "m@a", "negablate_content_hash": "h1"}]  # the dtype is on the base card only
+    monkeypatch.setattr(http, "list_models", lambda *a, **k: cards)
+    cfg = lt.LmTasksConfig(server="http://x", model="m", tokenizer="/t", sets=["a"], tasks=["mine"])
+    assert lt.check_server_models(cfg, cfg.conditions()) == {"baseline": "none-float32", "a": "h1-float32"}
+    with pytest.raises(RuntimeError, match="does not serve m@b"):
+        lt.check_server_models(cfg, lt.conditions_for("m", ["b"]))
