@@ -523,12 +523,13 @@ def compare_runs(
 def pooled_paired_difference(
     records_a: Iterable[Any],
     records_draws: Sequence[Iterable[Any]],
+    group_keys: Sequence[str] = (),
     *,
     correct_field: str = "correct",
     n_boot: int = 10000,
     alpha: float = 0.05,
     seed: int = 0,
-) -> ComparisonRow:
+) -> list[ComparisonRow]:
     """Run A against several runs of one kind of control at once (the draws of a random
     control), pair by pair: per pair ``d = a - mean_k(b_k)``, in ``{-1, ..., +1}`` in steps
     of ``1/K``; ``delta`` = mean ``d`` (note: A minus the draws, unlike
@@ -537,7 +538,9 @@ def pooled_paired_difference(
     mean accuracy; ``b01``/``b10`` count the pairs where A is right less / more often than
     the draws on average; ``p_value`` is the one-sample t-test of ``d`` (McNemar needs two
     runs); ``mde`` the smallest delta detected at power 0.8, ``2.8 sd(d) / sqrt(n)`` (with
-    one draw, ``sd(d)^2`` is the discordant rate less ``delta^2``: the paired MDE).
+    one draw, ``sd(d)^2`` is the discordant rate less ``delta^2``: the paired MDE). One row
+    per group of each of ``group_keys`` (sorted by label within a level), then ``overall``,
+    as in :func:`compare_runs`.
 
     Why: each draw compared alone is as noisy as one run; averaging the draws' correctness
     per pair removes most of the control's pair-level noise from the difference, so the CI
@@ -550,10 +553,11 @@ def pooled_paired_difference(
     """
     if not records_draws:
         raise ValueError("no draws to pool")
-    ta = _Table(records_a, (), correct_field)
+    ta = _Table(records_a, group_keys, correct_field)
     pa = _keyed(ta, "A")
     keys = sorted(pa)
-    a = ta.correct[np.fromiter((pa[k] for k in keys), dtype=np.int64, count=len(keys))]
+    ia = np.fromiter((pa[k] for k in keys), dtype=np.int64, count=len(keys))
+    a = ta.correct[ia]
     draws = []
     for i, recs in enumerate(records_draws):
         tb = _Table(recs, (), correct_field)
@@ -566,15 +570,26 @@ def pooled_paired_difference(
         raise ValueError("no pairs to compare")
     b = np.mean(np.stack(draws).astype(np.float64), axis=0)
     d = a.astype(np.float64) - b
-    lo, hi = bootstrap_mean_ci(d, n_boot, alpha, seed)
-    if np.all(d == d[0]):  # no spread: the t statistic is undefined
-        p = 1.0 if d[0] == 0 else 0.0
-    else:
-        p = float(_sps.ttest_1samp(d, 0.0).pvalue)
-    sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
     z = _sps.norm.ppf(1.0 - alpha / 2.0) + _sps.norm.ppf(0.8)
-    return ComparisonRow(
-        level=OVERALL, group=OVERALL, n=len(keys), acc_a=float(a.mean()), acc_b=float(b.mean()),
-        delta=float(d.mean()), ci_lo=lo, ci_hi=hi, b01=int((d < 0).sum()), b10=int((d > 0).sum()),
-        p_value=p, mde=float(z * sd / math.sqrt(d.size)),
-    )
+
+    def row(level: str, group: str, sel: np.ndarray | slice) -> ComparisonRow:
+        dd = d[sel]
+        lo, hi = bootstrap_mean_ci(dd, n_boot, alpha, seed)
+        if np.all(dd == dd[0]):  # no spread: the t statistic is undefined
+            p = 1.0 if dd[0] == 0 else 0.0
+        else:
+            p = float(_sps.ttest_1samp(dd, 0.0).pvalue)
+        sd = float(dd.std(ddof=1)) if dd.size > 1 else 0.0
+        return ComparisonRow(
+            level=level, group=group, n=int(dd.size), acc_a=float(a[sel].mean()), acc_b=float(b[sel].mean()),
+            delta=float(dd.mean()), ci_lo=lo, ci_hi=hi, b01=int((dd < 0).sum()), b10=int((dd > 0).sum()),
+            p_value=p, mde=float(z * sd / math.sqrt(dd.size)),
+        )
+
+    rows = []
+    for gk in group_keys:
+        labels = ta.labels(gk)
+        for g, idx in _index_groups([labels[i] for i in ia]).items():
+            rows.append(row(gk, g, idx))
+    rows.append(row(OVERALL, OVERALL, slice(None)))
+    return rows

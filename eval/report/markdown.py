@@ -201,6 +201,24 @@ def draws_pooled(pooled: list[dict[str, Any]]) -> list[str]:
             "", *[f"- {line}" for line in lines]]
 
 
+def draws_groups_table(pooled: list[dict[str, Any]]) -> list[str]:
+    """The pooled difference per BLiMP phenomenon and TSE field, with each draw's own and
+    the Benjamini-Hochberg q over all groups (bold: q < 0.05)."""
+    groups = [(r["task"], g) for r in pooled for g in r.get("groups", [])]
+    if not groups:
+        return []
+    lines = ["| test | group | pairs | Wasserstein minus the draws' mean [95% CI] | one draw at a time | q |",
+             "|---|---|---:|---:|---:|---:|"]
+    for task, g in groups:
+        diff = fmt_ci(g["diff"], g["ci_lo"], g["ci_hi"])
+        if g.get("q", 1.0) < 0.05:
+            diff = f"**{diff}**"
+        each = ", ".join(f"{100 * d:+.1f}" for d in g["draw_diffs"])
+        lines.append(f"| {'BLiMP' if task == 'blimp' else 'TSE'} | {g['group']} | {g['n']:,} | {diff} | {each} | "
+                     f"{fmt_p(g['q']) if 'q' in g else '-'} |")
+    return lines
+
+
 def premise_table(premise: list[dict[str, Any]]) -> list[str]:
     """Wasserstein vs other neurons over all layers (empty without the statistic)."""
     overall = {r["group"]: r for r in premise if r["layer"] == "all"}
@@ -244,6 +262,14 @@ def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, A
                   "random perplexity-matched set is decided by the draw, not by the neurons being random.",
                   "", *draws, *draws_summary(data["draws"], data.get("head_to_head", [])),
                   *draws_pooled(data.get("draws_pooled", []))]
+        by_group = draws_groups_table(data.get("draws_pooled", []))
+        if by_group:
+            n_groups = len(by_group) - 2
+            lines += ["", "The same pooled difference per BLiMP phenomenon and TSE field (below 0: the "
+                      "Wasserstein set hurts that group more than the draws do), each draw's own difference "
+                      f"beside it, and q: Benjamini-Hochberg over all {n_groups} groups (a scan this wide finds "
+                      "about one p < 0.05 by chance); bold: q < 0.05 (`report.json` `draws_pooled[].groups`).",
+                      "", *by_group]
     if len(cfg.top) > 1:
         lines += ["", "## Top-p sweep", "",
                   f"Every condition on the same {cfg.blimp_per_paradigm} BLiMP pairs per paradigm and "
@@ -287,8 +313,9 @@ SECTIONS = {"main": lambda data: main_table(data["rows"]), "sweep": lambda data:
             "premise": lambda data: premise_table(data.get("premise", [])),
             "head-to-head": lambda data: head_to_head_table(data.get("head_to_head", [])),
             "draws": lambda data: draws_table(data.get("draws", []), data.get("head_to_head", [])),
-            "draws-pooled": lambda data: draws_pooled(data.get("draws_pooled", []))[3:]}
+            "draws-pooled": lambda data: draws_pooled(data.get("draws_pooled", []))[3:],
+            "draws-groups": lambda data: draws_groups_table(data.get("draws_pooled", []))}
 """Tables ``python -m eval.report FOLDER --print NAME`` prints from a report.json (for the README)."""
 
-__all__ = ["SECTIONS", "draws_pooled", "draws_summary", "draws_table", "fmt_ci", "head_to_head_table", "header", "main_table", "matched_note", "premise_table", "render",
+__all__ = ["SECTIONS", "draws_groups_table", "draws_pooled", "draws_summary", "draws_table", "fmt_ci", "head_to_head_table", "header", "main_table", "matched_note", "premise_table", "render",
            "sweep_table", "tse_field_table"]

@@ -382,8 +382,8 @@ def test_pooled_difference_against_numpy():
     n = 600
     a = rng.random(n) < 0.62
     draws = [rng.random(n) < q for q in (0.74, 0.78, 0.75)]
-    row = pooled_paired_difference(_records(a), [_records(d, rng.permutation(n)) for d in draws],
-                                   n_boot=400, seed=3)
+    *groups, row = pooled_paired_difference(_records(a), [_records(d, rng.permutation(n)) for d in draws],
+                                            ("paradigm",), n_boot=400, seed=3)
     order = sorted(range(n), key=lambda i: (f"p{i % 4}", i))
     d = a[order].astype(float) - np.mean([x[order] for x in draws], axis=0)
     assert row.delta == pytest.approx(a.mean() - np.mean([x.mean() for x in draws]))
@@ -397,6 +397,14 @@ def test_pooled_difference_against_numpy():
     assert row.acc_a == pytest.approx(a.mean()) and row.n == n
     assert row.b01 == int((d < 0).sum()) and row.b10 == int((d > 0).sum())
     assert row.ci_lo < row.delta < row.ci_hi < 0  # A is clearly worse than the draws here
+    assert [g.group for g in groups] == ["p0", "p1", "p2", "p3"] and row.level == "overall"
+    for k, g in enumerate(groups):  # each paradigm: its own pairs, its own bootstrap with the same seed
+        sel = np.arange(n) % 4 == k
+        dk = a[sel].astype(float) - np.mean([x[sel] for x in draws], axis=0)
+        loop = np.random.default_rng(3)
+        reps = [dk[loop.integers(0, dk.size, dk.size)].mean() for _ in range(400)]
+        assert g.n == sel.sum() and g.delta == pytest.approx(dk.mean())
+        assert (g.ci_lo, g.ci_hi) == pytest.approx(tuple(np.quantile(reps, [0.025, 0.975])))
 
 
 def test_pooled_difference_narrows_the_single_draw_interval_and_refuses_other_pairs():
@@ -409,11 +417,11 @@ def test_pooled_difference_narrows_the_single_draw_interval_and_refuses_other_pa
     draws = [rng.random(n) < 0.75 for _ in range(3)]
     (single,) = [r for r in compare_runs(_records(draws[0]), _records(a), group_keys=(), n_boot=300) if
                  r.level == "overall"]
-    one = pooled_paired_difference(_records(a), [_records(draws[0])], n_boot=300)
+    (one,) = pooled_paired_difference(_records(a), [_records(draws[0])], n_boot=300)
     assert one.delta == pytest.approx(single.delta)
     assert one.mde == pytest.approx(single.mde, rel=0.02)
-    pooled = pooled_paired_difference(_records(a), [_records(x) for x in draws], n_boot=300)
-    widths = [pooled_paired_difference(_records(a), [_records(x)], n_boot=300) for x in draws]
+    (pooled,) = pooled_paired_difference(_records(a), [_records(x) for x in draws], n_boot=300)
+    widths = [pooled_paired_difference(_records(a), [_records(x)], n_boot=300)[-1] for x in draws]
     # independent draws: sd(d) from sqrt(2) s to sqrt(4/3) s, the width by about 0.82
     assert pooled.ci_hi - pooled.ci_lo < 0.9 * np.mean([w.ci_hi - w.ci_lo for w in widths])
     with pytest.raises(RunMismatchError, match="draw 1 covers other pairs"):

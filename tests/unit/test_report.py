@@ -267,6 +267,25 @@ def test_each_draw_of_the_matched_control_is_reported_and_compared(folder, tmp_p
     report_main(tmp_path, "draws-pooled")
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 2 and printed[0].startswith("- BLiMP, pooled over the 2 draws")
+    # per phenomenon / field: each group's pooled difference and each draw's own, BH q by hand
+    groups = {(r["task"], g["group"]): g for r in report["draws_pooled"] for g in r["groups"]}
+    assert len(groups) == 5 + 3  # BLiMP phenomena ph0..ph4, TSE fields
+    sel = np.arange(400) % 5 == 2
+    g = groups[("blimp", "ph2")]
+    assert g["n"] == sel.sum() and g["diff"] == pytest.approx(
+        arr["ablated"][sel].mean() - (first[sel].mean() + second[sel].mean()) / 2)
+    assert g["draw_diffs"] == pytest.approx([arr["ablated"][sel].mean() - first[sel].mean(),
+                                             arr["ablated"][sel].mean() - second[sel].mean()])
+    ps = np.array([x["p"] for x in groups.values()])
+    order = np.argsort(ps)
+    scaled = ps[order] * len(ps) / np.arange(1, len(ps) + 1)
+    bh = np.empty_like(ps)
+    bh[order] = np.minimum(1, np.minimum.accumulate(scaled[::-1])[::-1])
+    assert [x["q"] for x in groups.values()] == pytest.approx(bh.tolist())
+    report_main(tmp_path, "draws-groups")
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 + 8 and printed[2].startswith("| BLiMP | ph0 | 80 |")
+    assert "per BLiMP phenomenon and TSE field" in (tmp_path / "REPORT.md").read_text()
 
 
 def test_the_cost_chart_needs_two_conditions_with_perplexity(tmp_path):
