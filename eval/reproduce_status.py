@@ -11,7 +11,10 @@ the seconds it took), so the estimate is this machine's, on this model, in this 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable, Sequence
+from contextlib import closing
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -93,6 +96,46 @@ def _scoring_steps(cfg: ReproduceConfig, disc: Path, data_dir: Path, folders: Se
     return steps
 
 
+LM_TASK_CONDITIONS = 4
+"""The lm_eval conditions of a run: baseline, Wasserstein-negative, both matched controls."""
+
+
+def _lm_tasks_step(cfg: ReproduceConfig, root: Path) -> Step:
+    """The lm_eval phase from its folder: conditions with a results file, how long the
+    finished ones took (``request.json``'s start to the results file), and the answers
+    already in the request cache of one in progress (lm_eval's sqlite file, read only)."""
+    detail = f"{len(cfg.lm_tasks)} tasks x {LM_TASK_CONDITIONS} conditions, first {cfg.lm_tasks_limit} documents"
+    if (root / "lm_tasks.json").is_file():
+        return Step(name="lm_eval tasks", state="done", detail=detail)
+    finished, seconds, answered = set(), [], 0
+    for request in sorted(root.glob("runs/*/*/request.json")):
+        folder = request.parent
+        results = sorted(folder.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+        if results:
+            finished.add(folder.parent.name)
+            started = datetime.fromisoformat(json.loads(request.read_text())["started_at"])
+            seconds.append(results[-1].stat().st_mtime - started.timestamp())
+        else:
+            answered += sum(_cached_answers(db) for db in folder.glob("request-cache/*.db"))
+    if not finished and not answered:
+        return Step(name="lm_eval tasks", state="pending", detail=detail)
+    detail += f"; {len(finished)}/{LM_TASK_CONDITIONS} conditions finished"
+    if seconds:
+        detail += f" (about {format_duration(sum(seconds) / len(seconds))} each)"
+    if answered:
+        detail += f"; {answered:,} answers cached for the one in progress"
+    return Step(name="lm_eval tasks", state="partly done", detail=detail)
+
+
+def _cached_answers(db: Path) -> int:
+    """Rows in an lm_eval request cache (``SqliteDict``'s default table), 0 if unreadable."""
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM unnamed").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
 def run_status(cfg: ReproduceConfig, data_dir: Path, folders: Sequence[ScoringFolder],
                make_conditions: MakeConditions) -> list[Step]:
     """Every phase of ``cfg``'s run with its state, read from ``cfg.out_dir()``;
@@ -114,9 +157,7 @@ def run_status(cfg: ReproduceConfig, data_dir: Path, folders: Sequence[ScoringFo
                       detail=f"{made}/{len(matched)} sets"))
     steps += _scoring_steps(cfg, disc, data_dir, folders, make_conditions)
     if cfg.lm_tasks:
-        done = (out / "lm_tasks" / "lm_tasks.json").is_file()
-        steps.append(Step(name="lm_eval tasks", state="done" if done else "pending",
-                          detail=f"{len(cfg.lm_tasks)} tasks x 4 conditions, first {cfg.lm_tasks_limit} documents"))
+        steps.append(_lm_tasks_step(cfg, out / "lm_tasks"))
     if cfg.layers_blimp_per_paradigm > 0:
         done = (out / "layers" / "layers.json").is_file()
         stats = disc / "stats.json"

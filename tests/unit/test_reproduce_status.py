@@ -125,3 +125,35 @@ def test_the_plan_flag_prints_and_starts_nothing(tmp_path, sized, monkeypatch):
     assert lines[0] == f"{tmp_path / 'r'} (preset powered, smollm2-135m, float32):"
     assert any(ln.split()[:2] == ["discovery", "pending"] for ln in lines)
     assert lines[-1].endswith("(no rate measured in this folder yet).")
+
+
+def test_the_lm_eval_phase_counts_finished_conditions_and_cached_answers(tmp_path, sized):
+    """One condition finished 20 minutes after it started, one in progress with 3 answers in
+    its request cache (lm_eval's sqlite file), two not started: partly done, said so."""
+    import os
+    import sqlite3
+    from datetime import datetime, timezone
+
+    cfg = _cfg(tmp_path)
+    root = tmp_path / "lm_tasks" / "runs"
+    started = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+    for label in ("baseline", "wasserstein-negative-top1"):
+        folder = root / label / "sig"
+        folder.mkdir(parents=True)
+        (folder / "request.json").write_text(json.dumps({"started_at": started.isoformat()}))
+    results = root / "baseline" / "sig" / "model" / "results_x.json"
+    results.parent.mkdir()
+    results.write_text("{}")
+    os.utime(results, (started.timestamp() + 1200, started.timestamp() + 1200))
+    cache = root / "wasserstein-negative-top1" / "sig" / "request-cache"
+    cache.mkdir()
+    with sqlite3.connect(cache / "h-float32_rank0.db") as conn:
+        conn.execute("CREATE TABLE unnamed (key TEXT PRIMARY KEY, value BLOB)")
+        conn.executemany("INSERT INTO unnamed VALUES (?, ?)", [(str(i), b"x") for i in range(3)])
+    (cache / "broken_rank0.db").write_text("not a database")
+    step = {s.name: s for s in _status(cfg, tmp_path / "data")}["lm_eval tasks"]
+    assert step.state == "partly done"
+    assert step.detail.endswith("; 1/4 conditions finished (about 20 min each); 3 answers cached for the one "
+                                "in progress")
+    (tmp_path / "lm_tasks" / "lm_tasks.json").write_text("{}")
+    assert {s.name: s for s in _status(cfg, tmp_path / "data")}["lm_eval tasks"].state == "done"
