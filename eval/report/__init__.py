@@ -16,7 +16,15 @@ from typing import Any
 from eval.report import figures
 from eval.report.collect import collect, head_to_head, matched_controls, pooled_draws, premise_statistics
 from eval.report.markdown import header, render
-from eval.report.tables import DRAW_COLUMNS, HEAD_TO_HEAD_COLUMNS, PREMISE_COLUMNS, TSE_FIELD_COLUMNS, write_csv
+from eval.report.tables import (
+    DRAW_COLUMNS,
+    HEAD_TO_HEAD_COLUMNS,
+    HEAD_TO_HEAD_GROUP_COLUMNS,
+    PREMISE_COLUMNS,
+    TSE_FIELD_COLUMNS,
+    group_rows,
+    write_csv,
+)
 from eval.reproduce_config import BASELINE, ConditionSpec
 
 __all__ = ["rebuild", "write_report"]
@@ -74,6 +82,7 @@ def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Pa
     write_csv(data["sweep"], out / "sweep_table.csv")
     write_csv(data["tse_by_field"], out / "tse_by_field.csv", TSE_FIELD_COLUMNS)
     write_csv(data["head_to_head"], out / "head_to_head.csv", HEAD_TO_HEAD_COLUMNS)
+    write_csv(group_rows(data["head_to_head"]), out / "head_to_head_groups.csv", HEAD_TO_HEAD_GROUP_COLUMNS)
     if data["draws"]:
         write_csv(data["draws"], out / "draws.csv", DRAW_COLUMNS)
     if data["premise"]:

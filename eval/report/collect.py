@@ -15,7 +15,7 @@ import numpy as np
 from scipy.stats import false_discovery_control
 
 from eval.reproduce_config import BASELINE, CONTROL_KINDS, REDRAWN_KIND, ConditionSpec
-from eval.stats import accuracy_table, compare_runs, pooled_paired_difference
+from eval.stats import ComparisonRow, accuracy_table, compare_runs, pooled_paired_difference
 from eval.tasks import load_records, load_summary
 
 
@@ -125,7 +125,9 @@ def head_to_head(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) 
     same p, pair by pair (``diff`` = its accuracy minus the control's; below 0: it hurts
     more). Each delta against the baseline says what an ablation does; only this
     difference says whether the Wasserstein set does *more* than a control, and two CIs
-    that each exclude 0 do not answer that.
+    that each exclude 0 do not answer that. ``groups``: the same comparison per BLiMP
+    phenomenon or TSE field (uncorrected: where to look, not a verdict;
+    ``head_to_head_groups.csv``).
 
     BLiMP from ``runs-full/`` where both conditions have a full run, else ``runs/``; TSE
     from ``runs/``. ``verdict``: ``wasserstein hurts more`` (CI below 0), ``control hurts
@@ -144,16 +146,19 @@ def head_to_head(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) 
                 folder = _finished_in((full, runs) if task == "blimp" else (runs,), task, spec.label, control.label)
                 if folder is None:
                     continue
-                (overall,) = [r for r in compare_runs(
+                *groups, overall = compare_runs(
                     load_records(folder / control.label / task), load_records(folder / spec.label / task),
-                    group_keys=(), n_boot=n_boot, seed=seed) if r.level == "overall"]
-                verdict = _verdict(overall.ci_lo, overall.ci_hi)
+                    group_keys=(GROUP_OF[task],), n_boot=n_boot, seed=seed)
                 rows.append({"top": spec.top, "control": control.label, "control_kind": control.kind,
-                             "draw": control.draw, "task": task, "source": folder.name, "n": overall.n,
-                             "acc_wasserstein": overall.acc_b, "acc_control": overall.acc_a,
-                             "diff": overall.delta, "ci_lo": overall.ci_lo, "ci_hi": overall.ci_hi,
-                             "p": overall.p_value, "mde": overall.mde, "verdict": verdict})
+                             "draw": control.draw, "task": task, "source": folder.name,
+                             **_difference(overall), "groups": [{"group": g.group, **_difference(g)} for g in groups]})
     return rows
+
+
+def _difference(r: ComparisonRow) -> dict[str, Any]:
+    """A head-to-head row's numbers: run B is the Wasserstein set, run A the control."""
+    return {"n": r.n, "acc_wasserstein": r.acc_b, "acc_control": r.acc_a, "diff": r.delta, "ci_lo": r.ci_lo,
+            "ci_hi": r.ci_hi, "p": r.p_value, "mde": r.mde, "verdict": _verdict(r.ci_lo, r.ci_hi)}
 
 
 def pooled_draws(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) -> list[dict[str, Any]]:

@@ -249,7 +249,8 @@ def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, A
                   "takes to cost the same perplexity. Each row compares the two conditions on the "
                   "same pairs (difference = Wasserstein-negative accuracy minus the control's, in "
                   "points; below 0: the Wasserstein ablation hurts more), with a paired bootstrap CI, "
-                  "McNemar p between the two, and the MDE of that comparison (`head_to_head.csv`).",
+                  "McNemar p between the two, and the MDE of that comparison (`head_to_head.csv`; per BLiMP "
+                  "phenomenon and TSE field, uncorrected: `head_to_head_groups.csv`).",
                   "", *h2h]
     draws = draws_table(data.get("draws", []), data.get("head_to_head", []))
     if draws:
@@ -303,7 +304,7 @@ def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, A
     lines += extra_sections
     if elapsed_s is not None:
         lines.append(f"Total time: {elapsed_s / 60:.1f} min over all invocations (`timing.json`). Files: "
-                     "`report.json`, `main_table.csv`, `head_to_head.csv`, `draws.csv`, `sweep_table.csv`, `tse_by_field.csv`, "
+                     "`report.json`, `main_table.csv`, `head_to_head.csv`, `head_to_head_groups.csv`, `draws.csv`, `sweep_table.csv`, `tse_by_field.csv`, "
                      "`runs*/*/*/records.jsonl`.")
     return "\n".join(lines) + "\n"
 

@@ -33,3 +33,11 @@ HEAD_TO_HEAD_COLUMNS = ("top", "control", "control_kind", "draw", "task", "sourc
 DRAW_COLUMNS = ("condition", "draw", "seed", "set", "neurons", "blimp_acc", "blimp_n", "blimp_delta", "blimp_ci_lo",
                 "blimp_ci_hi", "blimp_p", "blimp_mde", "tse_acc", "tse_n", "tse_delta", "tse_ci_lo", "tse_ci_hi",
                 "tse_p", "tse_mde", "ppl", "ppl_ratio", "ppl_tokens")
+HEAD_TO_HEAD_GROUP_COLUMNS = ("top", "control", "control_kind", "draw", "task", "group", "n", "acc_wasserstein",
+                              "acc_control", "diff", "ci_lo", "ci_hi", "p", "mde", "verdict")
+
+
+def group_rows(head_to_head: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each head-to-head comparison's per-group rows, flat, with the comparison's keys."""
+    return [{**{k: r[k] for k in ("top", "control", "control_kind", "draw", "task")}, **g}
+            for r in head_to_head for g in r.get("groups", [])]

@@ -191,6 +191,15 @@ def test_head_to_head_compares_the_wasserstein_set_with_each_control(folder, tmp
     assert rows[("perplexity-matched-negative", "tse")]["verdict"] == "control hurts more"
     csv_lines = (tmp_path / "head_to_head.csv").read_text().splitlines()
     assert csv_lines[0].startswith("top,control,control_kind,draw,task,source,n") and len(csv_lines) == 5
+    # per group (BLiMP phenomenon ph0..ph4 by pair index mod 5, TSE field by index mod 3), against numpy
+    sel = np.arange(300) % 3 == 2
+    (npi,) = [g for g in rows[("perplexity-matched-negative", "tse")]["groups"] if g["group"] == FIELDS[2]]
+    assert npi["n"] == sel.sum() and npi["diff"] == pytest.approx(
+        arr["tse_ablated"][sel].mean() - matched_tse[sel].mean())
+    assert npi["p"] == pytest.approx(_mcnemar_p(matched_tse[sel], arr["tse_ablated"][sel]), rel=1e-9)
+    assert [len(r["groups"]) for r in rows.values()] == [5, 3, 5, 3]
+    groups_csv = (tmp_path / "head_to_head_groups.csv").read_text().splitlines()
+    assert groups_csv[0].startswith("top,control,control_kind,draw,task,group,n") and len(groups_csv) == 1 + 16
     report_main(tmp_path, "head-to-head")
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 2 + 4 and "| 1% | random-negative | BLiMP | 2,000 |" in printed[4]
