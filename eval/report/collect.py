@@ -18,6 +18,9 @@ from eval.reproduce_config import BASELINE, CONTROL_KINDS, REDRAWN_KIND, Conditi
 from eval.stats import ComparisonRow, accuracy_table, compare_runs, pooled_paired_difference
 from eval.tasks import load_records, load_summary
 
+GROUP_OF = {"blimp": "phenomenon", "tse": "field"}
+"""How the per-group comparisons split each test: BLiMP by phenomenon, TSE by field."""
+
 
 def neuron_count(disc: Path, set_name: str | None) -> tuple[int, str]:
     path = disc / "sets" / f"{set_name}.json"
@@ -155,10 +158,24 @@ def head_to_head(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) 
     return rows
 
 
+def _verdict(ci_lo: float, ci_hi: float) -> str:
+    """A difference's reading (Wasserstein minus control): its CI below, above or around 0."""
+    return ("wasserstein hurts more" if ci_hi < 0 else "control hurts more" if ci_lo > 0 else
+            "no difference detected")
+
+
 def _difference(r: ComparisonRow) -> dict[str, Any]:
     """A head-to-head row's numbers: run B is the Wasserstein set, run A the control."""
     return {"n": r.n, "acc_wasserstein": r.acc_b, "acc_control": r.acc_a, "diff": r.delta, "ci_lo": r.ci_lo,
             "ci_hi": r.ci_hi, "p": r.p_value, "mde": r.mde, "verdict": _verdict(r.ci_lo, r.ci_hi)}
+
+
+def _pooled(r: ComparisonRow, draw_accuracies: list[float]) -> dict[str, Any]:
+    """A pooled row's numbers: run A is the Wasserstein set, B the draws' mean; ``draw_diffs``
+    its difference from each draw alone."""
+    return {"n": r.n, "acc_wasserstein": r.acc_a, "acc_draws": r.acc_b, "diff": r.delta, "ci_lo": r.ci_lo,
+            "ci_hi": r.ci_hi, "p": r.p_value, "mde": r.mde, "verdict": _verdict(r.ci_lo, r.ci_hi),
+            "draw_diffs": [r.acc_a - acc for acc in draw_accuracies]}
 
 
 def pooled_draws(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) -> list[dict[str, Any]]:
@@ -186,35 +203,17 @@ def pooled_draws(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) 
         own = load_records(runs / wasserstein.label / task)
         each = [load_records(runs / s.label / task) for s in finished]
         *groups, pooled = pooled_paired_difference(own, each, (GROUP_OF[task],), n_boot=n_boot, seed=seed)
+        per_group = [accuracy_table(r, group_keys=(GROUP_OF[task],)).level(GROUP_OF[task]) for r in each]
         rows.append({"top": wasserstein.top, "task": task, "draws": len(finished),
-                     "controls": [s.label for s in finished], "n": pooled.n,
-                     "acc_wasserstein": pooled.acc_a, "acc_draws": pooled.acc_b, "diff": pooled.delta,
-                     "ci_lo": pooled.ci_lo, "ci_hi": pooled.ci_hi, "p": pooled.p_value, "mde": pooled.mde,
-                     "draw_diffs": [pooled.acc_a - load_summary(runs / s.label / task).overall.accuracy
-                                    for s in finished],
-                     "verdict": _verdict(pooled.ci_lo, pooled.ci_hi),
-                     "groups": [{"group": g.group, "n": g.n, "acc_wasserstein": g.acc_a, "acc_draws": g.acc_b,
-                                 "diff": g.delta, "ci_lo": g.ci_lo, "ci_hi": g.ci_hi, "p": g.p_value,
-                                 "verdict": _verdict(g.ci_lo, g.ci_hi),
-                                 "draw_diffs": [g.acc_a - acc[g.group].accuracy for acc in
-                                                (accuracy_table(r, group_keys=(GROUP_OF[task],)).level(GROUP_OF[task])
-                                                 for r in each)]}
+                     "controls": [s.label for s in finished],
+                     **_pooled(pooled, [load_summary(runs / s.label / task).overall.accuracy for s in finished]),
+                     "groups": [{"group": g.group, **_pooled(g, [acc[g.group].accuracy for acc in per_group])}
                                 for g in groups]})
     groups = [g for r in rows for g in r["groups"]]
     if groups:  # a scan over every group of both tests: Benjamini-Hochberg q-values across all of them
         for g, q in zip(groups, false_discovery_control([g["p"] for g in groups], method="bh"), strict=True):
             g["q"] = float(q)
     return rows
-
-
-GROUP_OF = {"blimp": "phenomenon", "tse": "field"}
-"""How the pooled comparison splits each test: BLiMP by phenomenon, TSE by field."""
-
-
-def _verdict(ci_lo: float, ci_hi: float) -> str:
-    """A difference's reading (Wasserstein minus control): its CI below, above or around 0."""
-    return ("wasserstein hurts more" if ci_hi < 0 else "control hurts more" if ci_lo > 0 else
-            "no difference detected")
 
 
 def _finished_in(folders: tuple[Path, ...], task: str, *labels: str) -> Path | None:
