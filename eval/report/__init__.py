@@ -70,6 +70,7 @@ def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Pa
         "scores": figures.plot_scores(disc, out / "wasserstein_scores.png"),
         "counts": figures.plot_counts(data["rows"], out / "neuron_counts.png"),
         "premise": figures.plot_premise(data["premise"], out / "premise.png"),
+        "draws_groups": figures.plot_draws_groups(data["draws_pooled"], out / "draws_by_group.png"),
     }
     result = {
         "config": json.loads(cfg.model_dump_json()), "model_dir": str(model_dir), "model": model_meta,

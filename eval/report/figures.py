@@ -172,3 +172,32 @@ def plot_cost_against_perplexity(sweep: list[dict[str, Any]], draws: list[dict[s
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_draws_groups(pooled: list[dict[str, Any]], path: Path) -> Path | None:
+    """The Wasserstein set minus the random perplexity-matched draws' mean, per BLiMP
+    phenomenon and TSE field (a forest plot: 95% CI bars, each draw's own difference as a
+    small x just above, red where the Benjamini-Hochberg q < 0.05). None without pooled groups."""
+    panels = [r for r in pooled if r.get("groups")]
+    if not panels:
+        return None
+    plt = _pyplot()
+    heights = [len(r["groups"]) for r in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.35 * max(heights) + 1.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.0] * len(panels)})
+    for ax, r in zip(axes[0], panels, strict=True):
+        groups = r["groups"]
+        y = np.arange(len(groups))[::-1]
+        for yi, g in zip(y, groups, strict=True):
+            colour = "tab:red" if g.get("q", 1.0) < 0.05 else "tab:gray"
+            ax.errorbar(100 * g["diff"], yi, xerr=[[100 * (g["diff"] - g["ci_lo"])], [100 * (g["ci_hi"] - g["diff"])]],
+                        fmt="o", color=colour, capsize=3)
+            ax.plot([100 * d for d in g["draw_diffs"]], [yi + 0.25] * len(g["draw_diffs"]), "x", color=colour, ms=4,
+                    alpha=0.7, label="each draw alone" if yi == y[0] else None)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(y, [g["group"] for g in groups], fontsize=8)
+        ax.set_xlabel("Wasserstein minus the draws' mean (points; < 0: it hurts more)")
+        ax.set_title(f"{'BLiMP' if r['task'] == 'blimp' else 'TSE'}: {r['draws']} draws, top {r['top']:g}%", fontsize=10)
+        ax.set_ylim(-0.7, len(groups) - 0.3)
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    return _save(fig, path)

@@ -271,6 +271,8 @@ def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, A
                       f"beside it, and q: Benjamini-Hochberg over all {n_groups} groups (a scan this wide finds "
                       "about one p < 0.05 by chance); bold: q < 0.05 (`report.json` `draws_pooled[].groups`).",
                       "", *by_group]
+            if figures.get("draws_groups"):
+                lines += ["", "![Wasserstein minus the draws, per group](draws_by_group.png)"]
     if len(cfg.top) > 1:
         lines += ["", "## Top-p sweep", "",
                   f"Every condition on the same {cfg.blimp_per_paradigm} BLiMP pairs per paradigm and "

@@ -295,6 +295,10 @@ def test_each_draw_of_the_matched_control_is_reported_and_compared(folder, tmp_p
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 2 + 8 and printed[2].startswith("| BLiMP | ph0 | 80 |")
     assert "per BLiMP phenomenon and TSE field" in (tmp_path / "REPORT.md").read_text()
+    assert (tmp_path / "draws_by_group.png").stat().st_size > 1000 and "(draws_by_group.png)" in text
+    from eval.report.figures import plot_draws_groups
+
+    assert plot_draws_groups([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 def test_the_cost_chart_needs_two_conditions_with_perplexity(tmp_path):
