@@ -370,6 +370,7 @@ class MetricRow(BaseModel):
     stderr: float | None = None
     n: int | None = None
     higher_is_better: bool | None = None
+    aggregation: str | None = None      # lm_eval's, from the task config ("mean", "perplexity", ...)
     delta: float | None = None          # value - baseline value (None for the baseline)
     delta_stderr: float | None = None
     delta_stderr_kind: Literal["paired", "unpaired"] | None = None
@@ -393,6 +394,9 @@ def parse_results(results: Mapping[str, Any], condition: str, set_name: str | No
     rows: list[MetricRow] = []
     n_samples = results.get("n-samples", {}) or {}
     hib = results.get("higher_is_better", {}) or {}
+    aggregations = {(task, m.get("metric")): m.get("aggregation")
+                    for task, config in (results.get("configs") or {}).items() if isinstance(config, Mapping)
+                    for m in config.get("metric_list") or [] if isinstance(m, Mapping)}
     for task, metrics in (results.get("results") or {}).items():
         if not isinstance(metrics, Mapping):
             continue
@@ -413,7 +417,8 @@ def parse_results(results: Mapping[str, Any], condition: str, set_name: str | No
             rows.append(MetricRow(task=task, metric=metric, filter=filt, condition=condition, set=set_name,
                                   value=value, stderr=_num(metrics.get(f"{metric}_stderr,{filt}")),
                                   n=int(n) if isinstance(n, (int, float)) else None,
-                                  higher_is_better=higher if isinstance(higher, bool) else None))
+                                  higher_is_better=higher if isinstance(higher, bool) else None,
+                                  aggregation=agg if isinstance(agg := aggregations.get((task, metric)), str) else None))
     return rows
 
 
@@ -452,6 +457,13 @@ def add_deltas(rows: Sequence[MetricRow],
     the unpaired :func:`eval.stats.unpaired_diff_stderr` (``sqrt(se_a^2 + se_b^2)``),
     which ignores the (strong, positive) correlation between conditions and so
     overstates the uncertainty.
+
+    The per-item samples are on the metric's scale only for a mean (``acc``, ...). For
+    lm_eval's ``perplexity`` aggregation (``exp(-mean(ll_i))`` over per-item
+    log-likelihoods, LAMBADA's) the paired SE is the delta method's:
+    ``P = exp(-mean ll)`` moves by ``-P`` per unit of ``mean ll``, so the difference
+    ``P_b - P_a`` has the paired SE of the items ``-P_b ll_b,i`` against ``-P_a ll_a,i``.
+    Any other aggregation gets the unpaired SE.
     """
     samples = samples or {}
     base = {(r.task, r.metric, r.filter): r for r in rows if r.condition == baseline}
@@ -464,8 +476,13 @@ def add_deltas(rows: Sequence[MetricRow],
             sa = samples.get(r.condition, {}).get(r.task, {}).get((r.metric, r.filter))
             sb = samples.get(baseline, {}).get(r.task, {}).get((r.metric, r.filter))
             common = sorted(set(sa) & set(sb)) if sa and sb else []
-            if len(common) >= 2:
-                se = paired_diff_stderr([sa[i] for i in common], [sb[i] for i in common])
+            aggregation = r.aggregation or ("perplexity" if r.metric == "perplexity" else "mean")
+            if len(common) >= 2 and aggregation in ("mean", "perplexity"):
+                xa, xb = [sa[i] for i in common], [sb[i] for i in common]
+                if aggregation == "perplexity":
+                    pa, pb = (math.exp(-math.fsum(x) / len(x)) for x in (xa, xb))
+                    xa, xb = [-pa * v for v in xa], [-pb * v for v in xb]
+                se = paired_diff_stderr(xa, xb)
                 r.delta_stderr, r.delta_stderr_kind, r.n_paired = se, "paired", len(common)
             elif r.stderr is not None and b.stderr is not None:
                 r.delta_stderr, r.delta_stderr_kind = unpaired_diff_stderr(r.stderr, b.stderr), "unpaired"

@@ -332,3 +332,41 @@ def test_the_server_listing_gives_each_condition_its_cache_key(monkeypatch):
     assert lt.check_server_models(cfg, cfg.conditions()) == {"baseline": "none-float32", "a": "h1-float32"}
     with pytest.raises(RuntimeError, match="does not serve m@b"):
         lt.check_server_models(cfg, lt.conditions_for("m", ["b"]))
+
+
+def _lambada_results(lls: np.ndarray) -> dict:
+    ppl = math.exp(-lls.mean())
+    return {"results": {"lam": {"perplexity,none": ppl, "perplexity_stderr,none": 5.0, "acc,none": 0.3,
+                                "acc_stderr,none": 0.02}},
+            "configs": {"lam": {"metric_list": [{"metric": "perplexity", "aggregation": "perplexity"},
+                                                {"metric": "acc", "aggregation": "mean"}]}},
+            "n-samples": {"lam": {"effective": lls.size}}}
+
+
+def test_a_perplexity_delta_gets_the_delta_method_se_not_the_log_likelihoods():
+    """LAMBADA's perplexity is exp(-mean ll_i) over per-item log-likelihoods (what its
+    samples hold): the paired SE of the perplexity difference must be in perplexity units
+    (delta method), close to a bootstrap over items of exp(-mean ll_c) - exp(-mean ll_b);
+    the paired SE of the raw log-likelihoods (nats) is a different, far smaller number."""
+    rng = np.random.default_rng(0)
+    n = 300
+    ll_b = rng.normal(-4.0, 1.5, n)
+    ll_c = ll_b - 0.3 + rng.normal(0, 0.5, n)
+    rows = lt.parse_results(_lambada_results(ll_b), "baseline") + lt.parse_results(_lambada_results(ll_c), "ws", "ws")
+    assert {r.aggregation for r in rows} == {"perplexity", "mean"}
+    samples = {c: {"lam": {("perplexity", "none"): dict(enumerate(v.tolist())),
+                           ("acc", "none"): dict(enumerate((v > -4).astype(float).tolist()))}}
+               for c, v in (("baseline", ll_b), ("ws", ll_c))}
+    by = {(r.metric, r.condition): r for r in lt.add_deltas(rows, samples)}
+    ppl = by[("perplexity", "ws")]
+    assert ppl.delta == pytest.approx(math.exp(-ll_c.mean()) - math.exp(-ll_b.mean()))
+    boot = np.random.default_rng(1)
+    reps = []
+    for _ in range(4000):
+        i = boot.integers(0, n, n)
+        reps.append(math.exp(-ll_c[i].mean()) - math.exp(-ll_b[i].mean()))
+    assert ppl.delta_stderr_kind == "paired" and ppl.delta_stderr == pytest.approx(np.std(reps), rel=0.1)
+    assert ppl.delta_stderr > 10 * np.std(ll_c - ll_b, ddof=1) / math.sqrt(n)  # not the nats' SE
+    acc = by[("acc", "ws")]  # a mean: the plain paired SE of the items
+    d = (ll_c > -4).astype(float) - (ll_b > -4).astype(float)
+    assert acc.delta_stderr == pytest.approx(np.std(d, ddof=1) / math.sqrt(n))
