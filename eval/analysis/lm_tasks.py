@@ -178,8 +178,8 @@ def request_cache_key(card: Mapping[str, Any]) -> str:
     """What a cached lm_eval answer depends on besides the request, from the condition's
     model card in ``/v1/models``: the set's content (``negablate_content_hash``; ``none``
     for the unablated model) and the dtype the engine computes in (``negablate_dtype``,
-    listed on the base model's card).
-    lm_eval's cache keys an answer by the request alone (not the model, not the server),
+    listed on the base model's card). lm_eval's cache keys an answer by the request alone
+    (not the model, not the server),
     so the file must differ whenever these do: a set replaced under its name, or a server
     restarted in another dtype, starts a new file instead of reusing the old answers."""
     content = str(card.get("negablate_content_hash") or "none")
@@ -221,8 +221,8 @@ def check_server_models(cfg: LmTasksConfig, conditions: Sequence[Condition],
     if missing:
         raise RuntimeError(f"the server at {cfg.server} does not serve {', '.join(missing)} "
                            f"(it lists: {', '.join(sorted(cards))}); upload the sets or fix --model/--set")
-    base = cards.get(cfg.model, {})  # the dtype is on the base model's card only
-    return {c.label: request_cache_key({**base, **cards[c.model]}) for c in conditions}
+    base_card = cards.get(cfg.model, {})  # the dtype is on the base model's card only
+    return {c.label: request_cache_key({**base_card, **cards[c.model]}) for c in conditions}
 
 
 # =========================================================================== running
