@@ -27,7 +27,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from vllm.v1.sample.sampler import Sampler
+
+    from vllm_negablate.vllm_adapter import sampler_logprob_functions
+
+    compute_logprobs, gather_logprobs = sampler_logprob_functions()
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(args.rows, args.vocab, generator=gen) * 3
@@ -37,7 +40,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         for k in (0, 1):
             def tail() -> None:
-                Sampler.gather_logprobs(Sampler.compute_logprobs(logits), k, targets)
+                gather_logprobs(compute_logprobs(logits), k, targets)
 
             tail()
             best = float("inf")

@@ -69,6 +69,7 @@ Private vLLM modules imported here (module: names used)::
     vllm.utils.argparse_utils: FlexibleArgumentParser
     vllm.v1.engine.core: EngineCore
     vllm.v1.outputs: LogprobsTensors
+    vllm.v1.sample.sampler: Sampler
     vllm.v1.worker.cpu_model_runner: CPUModelRunner
     vllm.v1.worker.gpu_model_runner: GPUModelRunner
 
@@ -630,6 +631,15 @@ def _batched_prompt_logprobs(runner, hidden_states, num_scheduled_tokens):
     if done:
         runner._sync_device()
     return done
+
+
+def sampler_logprob_functions():
+    """vLLM's ``Sampler.compute_logprobs`` and ``gather_logprobs``, the two functions the
+    batched prompt log-probs call per chunk after the LM head (``bench/logprob_tail.py``
+    times them alone)."""
+    from vllm.v1.sample.sampler import Sampler
+
+    return Sampler.compute_logprobs, Sampler.gather_logprobs
 
 
 def _empty_logprobs_tensors(num_positions: int, num_columns: int):
