@@ -203,11 +203,12 @@ def pooled_draws(out: Path, specs: list[ConditionSpec], n_boot: int, seed: int) 
         own = load_records(runs / wasserstein.label / task)
         each = [load_records(runs / s.label / task) for s in finished]
         *groups, pooled = pooled_paired_difference(own, each, (GROUP_OF[task],), n_boot=n_boot, seed=seed)
-        per_group = [accuracy_table(r, group_keys=(GROUP_OF[task],)).level(GROUP_OF[task]) for r in each]
+        tables = [accuracy_table(r, group_keys=(GROUP_OF[task],)) for r in each]  # each draw's own
         rows.append({"top": wasserstein.top, "task": task, "draws": len(finished),
                      "controls": [s.label for s in finished],
-                     **_pooled(pooled, [load_summary(runs / s.label / task).overall.accuracy for s in finished]),
-                     "groups": [{"group": g.group, **_pooled(g, [acc[g.group].accuracy for acc in per_group])}
+                     **_pooled(pooled, [t.overall.accuracy for t in tables]),
+                     "groups": [{"group": g.group, **_pooled(g, [t.level(GROUP_OF[task])[g.group].accuracy
+                                                                 for t in tables])}
                                 for g in groups]})
     groups = [g for r in rows for g in r["groups"]]
     if groups:  # a scan over every group of both tests: Benjamini-Hochberg q-values across all of them
