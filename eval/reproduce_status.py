@@ -164,11 +164,20 @@ def run_status(cfg: ReproduceConfig, data_dir: Path, folders: Sequence[ScoringFo
         layers = json.loads(stats.read_text())["model"]["num_layers"] if stats.is_file() else None
         n_conds = layers + len(cfg.layers_ks or default_ks(layers)) if layers else None
         per_cond = 2 * 67 * cfg.layers_blimp_per_paradigm
+        # a condition's BLiMP run writes its summary when it finishes (eval.analysis.layers
+        # names them layer<i> and first<k>); the baseline and the full set beside them are
+        # the main runs' subsample, read from the score cache
+        finished = 0 if done else sum(
+            1 for f in (out / "layers" / "runs").glob("*/blimp/summary.json")
+            if f.parent.parent.name.startswith(("layer", "first")))
+        state = "done" if done else "partly done" if finished else "pending"
+        detail = f"{n_conds} conditions x {per_cond:,} BLiMP sentences" if n_conds else "its size is known after discovery"
+        if finished and n_conds:
+            detail += f"; {finished}/{n_conds} conditions finished"
         steps.append(Step(
-            name="layer analysis", state="done" if done else "pending",
-            sequences_left=0 if done or n_conds is None else n_conds * per_cond,
-            detail=(f"{n_conds} conditions x {per_cond:,} BLiMP sentences" if n_conds
-                    else "its size is known after discovery")))
+            name="layer analysis", state=state,
+            sequences_left=0 if done or n_conds is None else max(n_conds - finished, 0) * per_cond,
+            detail=detail))
     return steps
 
 

@@ -92,6 +92,14 @@ def test_a_folder_mid_run(tmp_path, sized):
     assert runs.state == "partly done" and runs.detail.startswith("3/30 ")
     assert runs.sequences_left == 8 * (2 * 67 * 2) + 9 * 40 and runs.windows_left == 9 * 2
     assert steps["layer analysis"].sequences_left == (6 + 4) * 2 * 67 * 3  # 6 layers + k in 1, 2, 4, 6
+    # two layers finished (the baseline beside them is not one of the analysis's conditions)
+    for name in ("layer0", "layer3", "baseline"):
+        (out / "layers" / "runs" / name / "blimp").mkdir(parents=True)
+        (out / "layers" / "runs" / name / "blimp" / "summary.json").write_text("{}")
+    steps = {s.name: s for s in _status(cfg, tmp_path / "data")}
+    layers = steps["layer analysis"]
+    assert (layers.state, layers.sequences_left) == ("partly done", (6 + 4 - 2) * 2 * 67 * 3)
+    assert layers.detail.endswith("; 2/10 conditions finished")
     assert steps["discovery"].state == "done" and steps["perplexity-matched controls"].state == "done"
     # the rate: sentences the server computed over the seconds, BLiMP and TSE runs of >= 1,000
     assert status.measured_rate(out) == pytest.approx((1340 + 1200) / (20.0 + 40.0))
