@@ -3,8 +3,8 @@
 vLLM's own server is started by :func:`vllm_negablate.vllm_adapter.serve_openai_app`
 (a mirror of vLLM's ``run_server``; every vLLM internal it needs stays in the
 adapter) with three additions made here: our middleware goes into
-``args.middleware`` before vLLM builds the app; the control router is included
-into it; and a :class:`SetRegistry` is created once the engine is up (it reads
+``args.middleware`` before vLLM builds the app; the control router and the
+``/v1/negablate/loglikelihood`` route are included into it; and a :class:`SetRegistry` is created once the engine is up (it reads
 the model shape from the workers and loads ``--neuron-sets DIR``).
 """
 
@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from server.launcher import ensure_worker_slots
+from server.loglikelihood import router as loglikelihood_router
 from server.registry import DEFAULT_WAIT_TIMEOUT, SetRegistry
 from server.routes import router
 from vllm_negablate import defaults, vllm_adapter
@@ -58,6 +59,7 @@ def _wrap_model_list(state) -> None:
 async def serve(args) -> None:
     async def customize(app, rpc) -> None:
         app.include_router(router)
+        app.include_router(loglikelihood_router)
         registry = SetRegistry(rpc, Path(args.neuron_sets) if args.neuron_sets else None,
                                args.max_sets, wait_timeout=args.set_wait_timeout)
         app.state.negablate = registry

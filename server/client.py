@@ -29,7 +29,16 @@ from pydantic import BaseModel
 
 from server.completions import parse_prompt_logprobs, prompt_logprob_body
 from server.http import RETRY_STATUS, RetryPolicy, RetryTransport, auth_headers, parse_model_list
-from server.schemas import AblationState, NeuronSetList, NeuronSetSummary
+from server.schemas import (
+    LOGLIKELIHOOD_PATH,
+    AblationState,
+    LoglikelihoodItem,
+    LoglikelihoodRequest,
+    LoglikelihoodResponse,
+    LoglikelihoodResult,
+    NeuronSetList,
+    NeuronSetSummary,
+)
 from vllm_negablate.neuron_set import NO_ABLATION, NeuronSet
 
 __all__ = [
@@ -221,6 +230,27 @@ class NegablateClient:
             )
             for prompt, scored in zip(prompts, parse_prompt_logprobs(data, prompts, 0), strict=True)
         ]
+
+    def loglikelihood(
+        self,
+        items: Sequence[tuple[Sequence[int], Sequence[int]]],
+        neuron_set: str | None | _ServerDefault = None,
+    ) -> list[LoglikelihoodResult]:
+        """lm_eval's ``loglikelihood`` via ``/v1/negablate/loglikelihood``: per
+        ``(context ids, continuation ids)``, the continuation's summed log-probability
+        given the context and whether it is the greedy one. The server computes the
+        continuation's rows only (cheaper than :meth:`score` when contexts are long);
+        ``neuron_set`` as in :meth:`score`. At most
+        :data:`~server.schemas.MAX_ITEMS` items per call.
+        """
+        model = self.model
+        selector = None if neuron_set is SERVER_DEFAULT else (neuron_set or NO_ABLATION)
+        if selector is not None:
+            model = f"{model}@{selector}"
+        body = LoglikelihoodRequest(model=model, items=[
+            LoglikelihoodItem(context=[int(t) for t in c], continuation=[int(t) for t in x]) for c, x in items])
+        data = self._request("POST", LOGLIKELIHOOD_PATH, json=body.model_dump(exclude_none=True))
+        return LoglikelihoodResponse.model_validate(data).data
 
     def ab(
         self,

@@ -10,7 +10,8 @@ before vLLM's ``--api-key`` check. It does three things:
   request is marked authorized and, if vLLM has API keys, its header is
   swapped for one so vLLM's own check passes: the admin key is the credential
   for control calls, the API key for completions.
-* ``/v1/completions`` and ``/v1/chat/completions``: ``"model": "BASE@SET"``
+* ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/negablate/loglikelihood``
+  (:mod:`server.loglikelihood`): ``"model": "BASE@SET"``
   becomes ``"model": "BASE"`` plus ``vllm_xargs.neuron_set = SET``;
   ``vllm_xargs.neuron_set`` given directly is checked the same way. An unknown
   set is an OpenAI-style 404 before anything reaches the engine. ``BASE@none``
@@ -19,6 +20,8 @@ before vLLM's ``--api-key`` check. It does three things:
   A named set is held for the request (made resident first if it was not,
   waiting in line for a slot: 503 with ``Retry-After`` only after the wait
   limit) until the last byte of the response, streamed or not, is sent.
+  ``vllm_xargs`` keys internal to the server
+  (:data:`~vllm_negablate.runtime.PROMPT_LOGPROBS_FROM_KEY`) are refused (400).
 * Everything else passes through untouched.
 """
 
@@ -31,14 +34,16 @@ from typing import Any
 from server.registry import SetNotFound
 from server.residency import SetGone, SlotWaitTimeout
 from server.routes import AUTH_SCOPE_KEY
-from server.schemas import ErrorResponse
+from server.schemas import LOGLIKELIHOOD_PATH, ErrorResponse
 from vllm_negablate import vllm_adapter
 from vllm_negablate.neuron_set import NO_ABLATION, NeuronSetError, is_no_ablation
-from vllm_negablate.runtime import NEURON_SET_HASH_KEY, NEURON_SET_KEY
+from vllm_negablate.runtime import NEURON_SET_HASH_KEY, NEURON_SET_KEY, PROMPT_LOGPROBS_FROM_KEY
 
 CONTROL_PREFIXES = ("/v1/neuron-sets", "/v1/ablation")
-SCORING_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+SCORING_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", LOGLIKELIHOOD_PATH})
 SET_KEY = NEURON_SET_KEY
+#: extra_args keys only the server itself may set: a client sending one is refused.
+INTERNAL_KEYS = frozenset({PROMPT_LOGPROBS_FROM_KEY})
 
 
 async def _send_json(send, status: int, body: dict[str, Any],
@@ -186,6 +191,11 @@ class NegablateMiddleware:
         model = data.get("model")
         xargs = data.get("vllm_xargs")
         xargs = dict(xargs) if isinstance(xargs, dict) else None
+        internal = sorted(INTERNAL_KEYS & set(xargs or {}))
+        if internal:
+            return _error(400, f"vllm_xargs {internal} is internal to the server (its rows before "
+                          "that position would read NaN); ask /v1/negablate/loglikelihood for "
+                          "continuation log-probabilities", "BadRequestError", "vllm_xargs"), data
         name = xargs.get(SET_KEY) if xargs else None
         if isinstance(model, str) and "@" in model:
             base, _, at_name = model.partition("@")

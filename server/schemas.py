@@ -1,10 +1,11 @@
-"""Pydantic models of the control API (they appear in vLLM's OpenAPI at /docs)."""
+"""Pydantic models of the control API and of ``/v1/negablate/loglikelihood`` (they appear
+in vLLM's OpenAPI at /docs). Light imports only: the typed client reads them too."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from vllm_negablate.neuron_set import NO_ABLATION, ModelFingerprint, Provenance
 
@@ -82,3 +83,41 @@ class ErrorResponse(BaseModel):
     @classmethod
     def make(cls, code: int, message: str, type_: str, param: str | None = None) -> ErrorResponse:
         return cls(error=ErrorInfo(message=message, type=type_, param=param, code=code))
+
+
+# ------------------------------------------------ /v1/negablate/loglikelihood
+LOGLIKELIHOOD_PATH = "/v1/negablate/loglikelihood"
+#: Items one request may carry: a bound on the work a single call can queue and on
+#: its answer (lm_eval sends ``batch_size`` items, 16 by default here).
+MAX_ITEMS = 1024
+
+
+class LoglikelihoodItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    context: list[int] = Field(min_length=1, description="Token ids before the continuation "
+                               "(with the start token if the model wants one): not scored.")
+    continuation: list[int] = Field(min_length=1, description="Token ids whose log-probabilities are summed.")
+
+
+class LoglikelihoodRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="The served model, or BASE@SET / BASE@none to choose the neuron set.")
+    items: list[LoglikelihoodItem] = Field(min_length=1, max_length=MAX_ITEMS)
+    vllm_xargs: dict[str, str] | None = Field(
+        None, description="neuron_set and neuron_set_hash, as on /v1/completions (nothing else).")
+
+
+class LoglikelihoodResult(BaseModel):
+    index: int
+    logprob: float = Field(description="Sum of the continuation tokens' log-probabilities.")
+    is_greedy: bool = Field(description="Every continuation token ranked first (ties count).")
+    token_logprobs: list[float] = Field(description="Each continuation token's log-probability.")
+
+
+class LoglikelihoodResponse(BaseModel):
+    object: Literal["negablate.loglikelihood"] = "negablate.loglikelihood"
+    model: str
+    neuron_set: str | None = Field(description="The set named in the request (None: the server's default).")
+    data: list[LoglikelihoodResult]

@@ -45,6 +45,39 @@ class PromptRows:
     token_ids: Sequence[int]
 
 
+def rows_from(rows: PromptRows, first_row: int) -> tuple[PromptRows | None, int]:
+    """``rows`` without the target rows before ``first_row``, and how many were dropped.
+
+    A request that wants only its continuation's log-probabilities (prompt tokens
+    ``first .. n-1``, i.e. target rows ``first - 1 ..``; see
+    :data:`vllm_negablate.runtime.PROMPT_LOGPROBS_FROM_KEY`) needs neither the LM head
+    nor the log-softmax at the rows before: on Gemma 3 (a 262k vocabulary) the LM head
+    is most of a token's FLOPs. Returns ``(None, count)`` when the whole chunk is
+    before ``first_row``. The dropped rows are filled by :func:`mark_skipped`.
+    """
+    skip = min(max(0, first_row - rows.start), rows.count)
+    if skip == rows.count:
+        return None, skip
+    if not skip:
+        return rows, 0
+    return PromptRows(offset=rows.offset + skip, count=rows.count - skip, start=rows.start + skip,
+                      target=rows.target, token_ids=rows.token_ids[skip:]), skip
+
+
+def mark_skipped(target: Any, start: int, token_ids: Sequence[int]) -> None:
+    """Fill target rows ``start .. start+len(token_ids)`` that were not computed: the
+    prompt token itself as the only id, a NaN log-probability and rank -1, so that a
+    skipped row can never pass for a computed one (vLLM turns the rows into ``Logprob``
+    objects whatever they hold; the token ids must be valid for its detokenizer)."""
+    if not token_ids:
+        return
+    dest = slice(start, start + len(token_ids))
+    ids = torch.tensor(list(token_ids), dtype=target.logprob_token_ids.dtype)
+    target.logprob_token_ids[dest] = ids.unsqueeze(1)
+    target.logprobs[dest] = float("nan")
+    target.selected_token_ranks[dest] = -1
+
+
 def rows_per_chunk(vocab_size: int, budget_bytes: int = SCORE_CHUNK_BYTES) -> int:
     """How many rows fit a chunk of float32 scores of ``vocab_size`` columns (at most
     :data:`MAX_CHUNK_ROWS`)."""

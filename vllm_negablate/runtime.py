@@ -42,6 +42,11 @@ logger = logging.getLogger("vllm_negablate")
 # extra_args keys (SamplingParams.extra_args, filled by the OpenAI server from vllm_xargs)
 NEURON_SET_KEY = "neuron_set"
 NEURON_SET_HASH_KEY = "neuron_set_hash"
+#: The first prompt position whose log-probability a request wants (int >= 1): the
+#: worker skips the LM head for the rows before (``vllm_adapter._batched_prompt_logprobs``)
+#: and answers them NaN. Internal: set by the server's ``/v1/negablate/loglikelihood``
+#: route, refused by the middleware when a client sends it.
+PROMPT_LOGPROBS_FROM_KEY = "negablate_prompt_logprobs_from"
 
 
 _LAYER_MLP = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp$")

@@ -47,6 +47,7 @@ Public vLLM imports (allowed anywhere)::
 
     LLM
     SamplingParams
+    TokensPrompt
     __version__
 
 Private vLLM modules imported here (module: names used)::
@@ -113,6 +114,7 @@ Private vLLM attributes, distinctive names (any use elsewhere fails the test)::
     Request.update_block_hashes
     EngineClient.get_supported_tasks
     State.openai_serving_models            vLLM's model list, on the FastAPI app.state
+    State.engine_client                    the engine vLLM's routes call (continuation_logprobs)
     OpenAIServingModels.show_available_models
     OpenAIServingModels.is_base_model
     OpenAIServingModels.base_model_paths
@@ -128,6 +130,7 @@ pydantic models have a ``model_config``, ...: not scanned for)::
 
     BaseModelLoader.load_model             patched: wrap the activations, create the runtime
     EngineCore.collective_rpc              patched: mirror the worker state
+    EngineClient.generate                  the async engine's (LLM.generate is public)
     EngineClient.collective_rpc
     EngineCoreClient.shutdown
     EngineClient.model_config
@@ -578,7 +581,7 @@ def _batched_prompt_logprobs(runner, hidden_states, num_scheduled_tokens):
     """vLLM 0.32's ``_get_prompt_logprobs_dict``, with the per-request work batched."""
     import torch
 
-    from vllm_negablate.prompt_logprobs import PromptRows, score_rows
+    from vllm_negablate.prompt_logprobs import PromptRows, mark_skipped, rows_from, score_rows
 
     pending = runner.num_prompt_logprobs
     if not pending:
@@ -610,9 +613,14 @@ def _batched_prompt_logprobs(runner, hidden_states, num_scheduled_tokens):
         if num_logits <= 0:
             continue
         offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
-        rows.setdefault(num_logprobs, []).append(PromptRows(
-            offset=offset, count=num_logits, start=start_idx, target=target,
-            token_ids=request.prompt_token_ids[start_tok:start_tok + num_logits]))
+        wanted = PromptRows(offset=offset, count=num_logits, start=start_idx, target=target,
+                            token_ids=request.prompt_token_ids[start_tok:start_tok + num_logits])
+        first = _prompt_logprobs_from(request.sampling_params)
+        if first is not None:  # the continuation only: the rows before it are not computed
+            wanted, skipped = rows_from(wanted, first - 1)
+            mark_skipped(target, start_idx, request.prompt_token_ids[start_tok:start_tok + skipped])
+        if wanted is not None:
+            rows.setdefault(num_logprobs, []).append(wanted)
 
     raw_scores = runner.model_config.logprobs_mode in ("raw_logits", "processed_logits")
     for num_logprobs, group in rows.items():
@@ -631,6 +639,18 @@ def _batched_prompt_logprobs(runner, hidden_states, num_scheduled_tokens):
     if done:
         runner._sync_device()
     return done
+
+
+def _prompt_logprobs_from(sampling_params: Any) -> int | None:
+    """The first prompt position a request wants a log-probability for
+    (:data:`~vllm_negablate.runtime.PROMPT_LOGPROBS_FROM_KEY` in its ``extra_args``), or
+    None: all of them. Only :func:`continuation_logprobs` sets it (the middleware refuses
+    it from clients: the rows before would be answered as NaN)."""
+    extra = getattr(sampling_params, "extra_args", None)
+    from vllm_negablate.runtime import PROMPT_LOGPROBS_FROM_KEY
+
+    first = extra.get(PROMPT_LOGPROBS_FROM_KEY) if isinstance(extra, dict) else None
+    return first if isinstance(first, int) and first >= 1 else None
 
 
 def sampler_logprob_functions():
@@ -893,9 +913,52 @@ async def serve_openai_app(args, customize: Callable[[Any, RPC], Awaitable[None]
         sock.close()
 
 
+async def continuation_logprobs(
+    app_state: Any, token_ids: list[int], first: int, extra_args: dict[str, Any], request_id: str,
+) -> list[tuple[float, int]]:
+    """(log-probability, rank) of ``token_ids[first:]``, each given the tokens before it,
+    from the served engine (``app_state.engine_client``, the one vLLM's routes use).
+
+    One request with ``prompt_logprobs: 0`` and ``max_tokens: 1`` (the prefill's own
+    sample; nothing is decoded after it), detokenization off, and
+    :data:`~vllm_negablate.runtime.PROMPT_LOGPROBS_FROM_KEY` set to ``first`` so the
+    worker computes the LM head only from the row that predicts ``token_ids[first]``.
+    ``extra_args`` carries the neuron-set selection exactly as ``vllm_xargs`` does on
+    ``/v1/completions`` (the engine pins the set at admission). The rank is vLLM's:
+    1 + the number of tokens scored strictly higher, so ties count as the top token,
+    as lm_eval's ``is_greedy`` does. Raises what ``EngineClient.generate`` raises
+    (``ValueError`` for a prompt longer than the model's context).
+    """
+    from vllm import SamplingParams, TokensPrompt
+
+    from vllm_negablate.runtime import PROMPT_LOGPROBS_FROM_KEY
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                            extra_args={**extra_args, PROMPT_LOGPROBS_FROM_KEY: int(first)})
+    final = None
+    async for output in app_state.engine_client.generate(
+            TokensPrompt(prompt_token_ids=list(token_ids)), params, request_id):
+        final = output
+    rows = final.prompt_logprobs if final is not None else None
+    if rows is None or len(rows) != len(token_ids):
+        raise RuntimeError(f"request {request_id}: the engine returned no prompt log-probabilities")
+    out = []
+    for position in range(first, len(token_ids)):
+        scored = rows[position][token_ids[position]]
+        out.append((float(scored.logprob), int(scored.rank)))
+    return out
+
+
 def served_dtype(app_state: Any) -> str:
     """The dtype the served model computes in, e.g. ``"bfloat16"`` (from vLLM's model config)."""
     return str(app_state.openai_serving_models.model_config.dtype).removeprefix("torch.")
+
+
+def served_limits(app_state: Any) -> tuple[int, int]:
+    """The served model's context length and vocabulary size (vLLM's model config):
+    what a prompt of token ids must fit."""
+    config = app_state.openai_serving_models.model_config
+    return int(config.max_model_len), int(config.get_vocab_size())
 
 
 def serves_model(app_state: Any, name: str) -> bool:

@@ -8,8 +8,12 @@ this module measures the second with EleutherAI's ``lm_eval``, unchanged, so the
 numbers mean what they mean everywhere else:
 
 - every condition is the server's model name ``BASE`` (baseline) or ``BASE@SET``,
-  evaluated by ``python -m lm_eval --model local-completions`` in a subprocess
-  (so ``eval`` stays free of torch; the server is the only model);
+  evaluated by lm_eval's command line in a subprocess (so ``eval`` stays free of
+  torch; the server is the only model) with ``--model negablate``
+  (:mod:`eval.lm_eval_tasks.negablate_lm`: lm_eval's ``local-completions`` whose
+  log-likelihoods come from the server's ``/v1/negablate/loglikelihood``, which does
+  not compute the context's LM-head rows; ``--backend local-completions`` for lm_eval's
+  own echo through ``/v1/completions``, same numbers);
 - lm_eval's own task definitions are used by name (``arc_easy``, ``piqa``, ... when
   the hub is reachable); offline, :data:`eval.lm_eval_tasks.local.LOCAL_TASKS`
   generates task YAMLs that read local copies, e.g. ``piqa_local`` from ``../shared/data/piqa``: the same prompt,
@@ -60,6 +64,7 @@ import typer
 from pydantic import BaseModel, Field
 from rich.console import Console
 
+from eval.lm_eval_tasks import LM_EVAL_MODULE, LOCAL_INDEX_FLAG
 from eval.lm_eval_tasks.local import (  # write_piqa_task, declared_task_names: re-exported
     LOCAL_TASKS,
     PIQA_TASK,
@@ -125,6 +130,12 @@ class LmTasksConfig(BaseModel):
     offline: bool | None = None
     request_timeout: int = 600
     rerun: bool = False
+    #: lm_eval model class: ``negablate`` (:mod:`eval.lm_eval_tasks.negablate_lm`: log-likelihoods
+    #: from ``/v1/negablate/loglikelihood``, the context's rows not computed) or lm_eval's own
+    #: ``local-completions`` (``/v1/completions`` with echo: any OpenAI-compatible server).
+    #: Not in :meth:`signature`: both give the same numbers (the e2e tests hold them to
+    #: the same oracle), so results and cached answers of one stand for the other.
+    backend: Literal["negablate", "local-completions"] = "negablate"
 
     def conditions(self) -> list[Condition]:
         return conditions_for(self.model, self.sets)
@@ -138,6 +149,8 @@ class LmTasksConfig(BaseModel):
                "prefix_token_id": self.prefix_token_id, "max_length": self.max_length,
                "num_fewshot": self.num_fewshot}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
 
 
 def _completions_url(server: str) -> str:
@@ -158,7 +171,8 @@ def lm_eval_command(cfg: LmTasksConfig, cond: Condition, include_path: Path | No
         margs.append(f"max_length={cfg.max_length}")
     if cfg.prefix_token_id is not None:
         margs.append(f"custom_prefix_token_id={cfg.prefix_token_id}")
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", ",".join(margs),
+    # lm_eval's own command line, with the ``negablate`` model registered first
+    cmd = [sys.executable, "-m", LM_EVAL_MODULE, "--model", cfg.backend, "--model_args", ",".join(margs),
            "--tasks", ",".join(cfg.tasks), "--batch_size", str(cfg.batch_size),
            "--output_path", str(output_path)]
     if include_path is not None:
@@ -238,25 +252,11 @@ def find_results_file(folder: Path) -> Path | None:
     return files[-1] if files else None
 
 
-# ``python -m lm_eval`` with its task index limited to --include_path. lm_eval's CLI has no
-# switch for TaskManager(include_defaults=False), and indexing its ~15k bundled task YAMLs
-# costs 20-70 s per run on a small CPU, for nothing when every task asked for is local.
-_LM_EVAL_LOCAL_INDEX = """
-import runpy, sys
-import lm_eval.tasks.manager as m
-_init = m.TaskManager.__init__
-def _local_only(self, *args, include_defaults=False, **kwargs):
-    _init(self, *args, include_defaults=include_defaults, **kwargs)
-m.TaskManager.__init__ = _local_only
-sys.argv = ["lm_eval", *sys.argv[1:]]
-runpy.run_module("lm_eval", run_name="__main__", alter_sys=True)
-"""
-
-
 def local_index_command(cmd: list[str]) -> list[str]:
-    """``cmd`` (a ``python -m lm_eval ...`` line) run with lm_eval indexing only --include_path."""
-    assert cmd[1:3] == ["-m", "lm_eval"], cmd
-    return [cmd[0], "-c", _LM_EVAL_LOCAL_INDEX, *cmd[3:]]
+    """``cmd`` (an :func:`lm_eval_command` line) run with lm_eval indexing only --include_path
+    (:data:`eval.lm_eval_tasks.LOCAL_INDEX_FLAG`)."""
+    assert cmd[1:3] == ["-m", LM_EVAL_MODULE], cmd
+    return [*cmd[:3], LOCAL_INDEX_FLAG, *cmd[3:]]
 
 
 def run_condition(cfg: LmTasksConfig, cond: Condition, include: Path | None, offline: bool,
@@ -280,7 +280,8 @@ def run_condition(cfg: LmTasksConfig, cond: Condition, include: Path | None, off
         cache.parent.mkdir(parents=True, exist_ok=True)
     cmd = lm_eval_command(cfg, cond, include, folder, cache)
     (folder / "request.json").write_text(json.dumps({
-        "condition": cond.model_dump(), "tasks": cfg.tasks, "limit": cfg.limit, "command": cmd,
+        "condition": cond.model_dump(), "tasks": cfg.tasks, "limit": cfg.limit, "backend": cfg.backend,
+        "command": cmd,
         "task_index": "include_path only" if local_index and include is not None else "lm_eval's and include_path",
         "offline": offline, "started_at": datetime.now(timezone.utc).isoformat()}, indent=2))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -499,7 +500,9 @@ class LmTasksResult(BaseModel):
     limit: int | None = None
     conditions: list[Condition]
     rows: list[MetricRow]
-    results_files: dict[str, str] = Field(default_factory=dict)
+    results_files: dict[str, str] = Field(
+        default_factory=dict, description="Each condition's lm_eval results file, relative to the "
+                                          "folder of lm_tasks.json (so a committed table names no machine's paths).")
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
 
@@ -516,7 +519,8 @@ def collect(cfg: LmTasksConfig, files: Mapping[str, Path]) -> LmTasksResult:
         samples[c.label] = load_samples(Path(f))
     return LmTasksResult(model=cfg.model, server=cfg.server, tasks=cfg.tasks, limit=cfg.limit,
                          conditions=conds, rows=add_deltas(rows, samples),
-                         results_files={k: str(v) for k, v in files.items()})
+                         results_files={k: os.path.relpath(Path(v).resolve(), cfg.out.resolve())
+                                        for k, v in files.items()})
 
 
 # =========================================================================== outputs
@@ -747,11 +751,17 @@ def register(app: typer.Typer) -> None:
                                                             "the model's)."),
         cpu_bind_all_cores: bool = typer.Option(True, help="With --model-dir, on CPU: give vLLM's worker "
                                                            "every core."),
+        backend: str = typer.Option(
+            "negablate", help="lm_eval model: 'negablate' asks /v1/negablate/loglikelihood for the "
+                              "continuation's log-probabilities only (the context's LM-head rows are not "
+                              "computed: about half of Gemma 3's time); 'local-completions' is lm_eval's own "
+                              "echo through /v1/completions (any OpenAI-compatible server). Same numbers."),
     ) -> None:
         """Run lm_eval tasks for the baseline and each neuron set: the double dissociation.
 
-        Every condition is one `python -m lm_eval --model local-completions` run against
-        the server, model name BASE or BASE@SET. Writes lm_tasks.json, lm_tasks.csv and
+        Every condition is one lm_eval run against the server (its own command line,
+        `--model negablate`: local-completions with log-likelihoods from the server's
+        /v1/negablate/loglikelihood), model name BASE or BASE@SET. Writes lm_tasks.json, lm_tasks.csv and
         lm_tasks.png (delta vs baseline per task, 95% CI) in --out, plus lm_eval's own
         files under --out/runs/. Finished conditions are skipped on a rerun.
 
@@ -771,6 +781,8 @@ def register(app: typer.Typer) -> None:
         """
         if (server is None) == (model_dir is None):
             raise typer.BadParameter("give exactly one of --server URL or --model-dir DIR")
+        if backend not in ("negablate", "local-completions"):
+            raise typer.BadParameter(f"--backend must be negablate or local-completions, not {backend!r}")
         set_names = _split_list(sets)
         if model_dir is not None:
             if sets_dir is None and set_names:
@@ -795,7 +807,7 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size, num_concurrent=concurrent,
             max_length=max_length if max_length is not None else max_model_len if model_dir else None,
             add_bos_token=add_bos_token, prefix_token_id=prefix_token_id, num_fewshot=num_fewshot,
-            offline=offline, rerun=rerun)
+            offline=offline, rerun=rerun, backend=backend)
         factory = None
         if model_dir is not None:
             factory = server_factory(model_dir, sets_dir, out / "logs" / "server.log", served_name=base,

@@ -61,6 +61,7 @@ def _flags(model: Path) -> dict[str, list[str]]:
         "scoring_speed": ["--tiny", "--reps", "1", "--pairs", str(PAIRS)],
         "levers": [*m, "--dtype", "float32", "--reps", "1", "--pairs", str(PAIRS), "--batch-sizes", "4,16",
                    "--kv-cache-mb", "64", "--settle", "0.2"],
+        "lm_eval_backend": [*m, "--limit", "2", "--reps", "1", "--no-warmup", "--kv-cache-mb", "64"],
         "discovery_speed": [*m, "--window", "64", "--tokens", "1024", "--tokens-small", "512",
                             "--tokens-large", "1024", "--reps", "1", "--nbins", "64",
                             "--kv-cache-mb", "64"],
@@ -75,6 +76,7 @@ TESTS = {
     "test_op_overhead": "op_overhead",
     "test_discovery_speed": "discovery_speed",
     "test_levers": "levers",
+    "test_lm_eval_backend": "lm_eval_backend",
 }
 
 
@@ -272,3 +274,20 @@ def test_levers(runs):
     for bs in (4, 16):
         assert by[0, bs]["response_bytes"] < by[1, bs]["response_bytes"]
     assert re.search(rf"\+batched_logprobs +{NUM} tok/s", run.stdout), run.stdout
+
+
+def test_lm_eval_backend(runs):
+    """lm_eval's own requests (8 offline tasks, 2 documents each) through both lm_eval
+    classes against one server: the same answers, and ratio and rates that agree with the
+    medians they come from."""
+    run = runs["lm_eval_backend"].result()
+    run.check()
+    res = run.result
+    med = res["median_s"]
+    assert set(med) == {"local-completions", "negablate"} and all(finite_positive(v) for v in med.values())
+    assert res["ratio"] == pytest.approx(med["local-completions"] / med["negablate"])
+    # 8 tasks x 2 documents: 2-4 choices each, LAMBADA 1 (at least 8 x 2, at most 8 x 2 x 4)
+    assert 16 < res["n_requests"] < 64
+    assert res["max_abs_diff"] < 1e-4 and res["is_greedy_disagreements"] == 0
+    m = re.search(rf"ratio local-completions / negablate: {NUM}x", run.stdout)
+    assert m and float(m.group(1)) == pytest.approx(res["ratio"], abs=0.006), run.stdout

@@ -174,18 +174,24 @@ def _decisions(rows):
     return {"acc": acc, "acc_norm": norm}
 
 
-def _samples(result, cond: str, task: str) -> list[dict]:
-    res_file = Path(result.results_files[cond])
+def _results_file(result, out: Path, cond: str) -> Path:
+    path = Path(result.results_files[cond])
+    assert not path.is_absolute()  # relative to the table's folder
+    return out / path
+
+
+def _samples(result, cond: str, task: str, out: Path) -> list[dict]:
+    res_file = _results_file(result, out, cond)
     date = res_file.name[len("results_"):-len(".json")]
     f = res_file.parent / f"samples_{task}_{date}.jsonl"
     return sorted((json.loads(x) for x in f.read_text().splitlines()), key=lambda s: s["doc_id"])
 
 
 def test_lm_eval_acc_equals_oracle_decisions(run, oracle_scores):
-    result, _, _ = run
+    result, out, _ = run
     value = {(r.task, r.metric, r.condition): r for r in result.rows}
     for (task, cond), rows in oracle_scores.items():
-        samples = _samples(result, cond, task)
+        samples = _samples(result, cond, task, out)
         assert len(samples) == LIMIT
         for s, (gold, choices, lls) in zip(samples, rows):
             lm = [float(x[0]) for x in s["filtered_resps"]]
@@ -203,10 +209,10 @@ def test_lm_eval_acc_equals_oracle_decisions(run, oracle_scores):
 
 
 def test_piqa_prompts_are_lm_eval_piqa(run, piqa_dir):
-    result, _, _ = run
+    result, out, _ = run
     labels = (piqa_dir / "valid-labels.lst").read_text().split()[:LIMIT]
     raw = [json.loads(x) for x in (piqa_dir / "valid.jsonl").read_text().splitlines()[:LIMIT]]
-    for s, d, lab in zip(_samples(result, "baseline", "piqa_local"), raw, labels):
+    for s, d, lab in zip(_samples(result, "baseline", "piqa_local", out), raw, labels):
         args = s["arguments"]
         assert args["gen_args_0"] == {"arg_0": f"Question: {d['goal']}\nAnswer:", "arg_1": " " + d["sol1"]}
         assert args["gen_args_1"]["arg_1"] == " " + d["sol2"] and s["doc"]["label"] == int(lab)
@@ -299,7 +305,34 @@ def test_an_interrupted_condition_resumes_from_its_answered_requests(run, served
     include, _ = lt.prepare_include_path(cfg.model_copy(update={"include_paths": [out.parent / "tiny_task"]}))
     res = lt.run_condition(cfg, cond, include, offline=True, cache_key=key)
     again = json.loads(res.read_text())["results"]
-    before = json.loads(Path(result.results_files[SET]).read_text())["results"]
+    before = json.loads(_results_file(result, out, SET).read_text())["results"]
     for task in ("tiny_mc", "piqa_local"):
         assert again[task]["acc,none"] == before[task]["acc,none"]
         assert again[task]["acc_norm,none"] == before[task]["acc_norm,none"]
+
+
+def test_the_local_completions_backend_gives_the_same_answers(run, served, tmp_path):
+    """The default backend (``--model negablate``: /v1/negablate/loglikelihood, the
+    context's rows not computed) against lm_eval's own ``local-completions`` (echo through
+    /v1/completions): the same log-likelihood and is_greedy for every request."""
+    from eval.analysis import lm_tasks as lt
+
+    result, out, _ = run
+    server, model_dir, _, root = served
+    request = json.loads((_results_file(result, out, SET).parent.parent / "request.json").read_text())
+    assert request["backend"] == "negablate" and request["command"][2:5] == [lt.LM_EVAL_MODULE, "--model", "negablate"]
+    cfg = lt.LmTasksConfig(server=server.url, model="tiny", tokenizer=str(model_dir), sets=[SET],
+                           tasks=["tiny_mc"], limit=LIMIT, max_length=512, out=tmp_path / "out",
+                           backend="local-completions")
+    cond = next(c for c in cfg.conditions() if c.label == SET)
+    include, _ = lt.prepare_include_path(cfg.model_copy(update={"include_paths": [root / "tiny_task"]}))
+    res = lt.run_condition(cfg, cond, include, offline=True)
+    assert json.loads((lt.condition_dir(cfg, cond) / "request.json").read_text())["command"][4] == "local-completions"
+    date = res.name[len("results_"):-len(".json")]
+    theirs = sorted((json.loads(x) for x in (res.parent / f"samples_tiny_mc_{date}.jsonl").read_text().splitlines()),
+                    key=lambda s: s["doc_id"])
+    ours = _samples(result, SET, "tiny_mc", out)
+    assert len(theirs) == len(ours) == LIMIT
+    for a, b in zip(ours, theirs):
+        for [(ll_a, greedy_a)], [(ll_b, greedy_b)] in zip(a["resps"], b["resps"], strict=True):  # one answer a choice
+            assert float(ll_a) == pytest.approx(float(ll_b), abs=1e-5) and greedy_a == greedy_b

@@ -62,6 +62,41 @@ def test_batched_prompt_logprobs_equal_the_vllm_loop(tiny_models, monkeypatch):
     assert sum(len(pos) > 1 for row in batched for pos in row[1:]) > 0  # top-k rows were compared
 
 
+def test_a_continuation_request_gets_its_rows_and_nan_before(tiny_models, monkeypatch):
+    """``PROMPT_LOGPROBS_FROM_KEY`` (what /v1/negablate/loglikelihood sets) in a live
+    engine: a 150-token prompt prefilled in 48-token chunks, asked from position 100 (and
+    an 11-token one from 5), beside the same prompts asked whole. From the position on,
+    the values and ranks equal the whole prompt's; before it, NaN with rank -1 (computed
+    rows could never read NaN), so the LM head really was skipped there."""
+    import math
+
+    from vllm import SamplingParams
+
+    from vllm_negablate.offline import load_neuron_set
+    from vllm_negablate.runtime import PROMPT_LOGPROBS_FROM_KEY
+
+    model = tiny_models["llama"]
+    monkeypatch.setenv("NEGABLATE_BATCHED_PROMPT_LOGPROBS", "1")
+    llm = make_llm(model, max_num_batched_tokens=48, max_num_seqs=8, enable_chunked_prefill=True,
+                   enable_prefix_caching=False)
+    try:
+        load_neuron_set(llm, random_set(model, "s", "negative"))
+        long, short = random_prompts(1, 150, seed=1)[0], random_prompts(1, 11, seed=2)[0]
+        asks = [(long, None), (long, 100), (short, None), (short, 5)]
+        params = [SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, extra_args={
+            "neuron_set": "s", **({PROMPT_LOGPROBS_FROM_KEY: first} if first else {})}) for _, first in asks]
+        outs = llm.generate([{"prompt_token_ids": p} for p, _ in asks], params, use_tqdm=False)
+    finally:
+        shutdown(llm)
+    rows = [[None if pos is None else (pos[p[i]].logprob, pos[p[i]].rank) for i, pos in enumerate(o.prompt_logprobs)]
+            for o, (p, _) in zip(outs, asks)]
+    for whole, part, first in ((rows[0], rows[1], 100), (rows[2], rows[3], 5)):
+        assert all(math.isnan(lp) and rank == -1 for lp, rank in part[1:first])
+        for (a, ra), (b, rb) in zip(whole[first:], part[first:], strict=True):
+            assert ra == rb and abs(a - b) < 1e-5  # same rows; the chunk's matmul blocking may differ
+        assert all(not math.isnan(lp) and rank >= 1 for lp, rank in whole[1:])
+
+
 def test_cpu_norm_kernel_in_force_and_oracle_equal(tiny_models):
     from vllm_negablate.offline import score_prompts
 

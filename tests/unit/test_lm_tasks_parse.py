@@ -262,8 +262,9 @@ def test_local_task_index_falls_back_to_the_full_index(tmp_path, monkeypatch):
     inc = tmp_path / "inc"
     plain = lt.lm_eval_command(cfg, cond, inc, lt.condition_dir(cfg, cond))
     local = lt.local_index_command(plain)
-    assert local[0] == plain[0] and local[1] == "-c" and "include_defaults=False" in local[2]
-    assert local[3:] == plain[3:]  # the same lm_eval arguments
+    assert plain[1:5] == ["-m", "eval.lm_eval_tasks.negablate_lm", "--model", "negablate"]
+    assert local[:3] == plain[:3] and local[3] == "--negablate-local-task-index"
+    assert local[4:] == plain[3:]  # the same lm_eval arguments
     calls = []
 
     class Done:
@@ -272,7 +273,7 @@ def test_local_task_index_falls_back_to_the_full_index(tmp_path, monkeypatch):
 
     def fake_run(cmd, **kw):
         calls.append(cmd)
-        if cmd[1] == "-c":
+        if "--negablate-local-task-index" in cmd:
             return Done(1)
         out = lt.condition_dir(cfg, cond) / "m"
         out.mkdir(parents=True, exist_ok=True)

@@ -170,3 +170,26 @@ def test_a_request_naming_other_content_than_the_sets_gets_409_and_holds_nothing
         assert dict(reg.in_flight) == {}
 
     asyncio.run(main())
+
+
+def test_the_loglikelihood_route_gets_the_set_selection_and_clients_cannot_send_internal_keys():
+    from server.schemas import LOGLIKELIHOOD_PATH as PATH
+    from vllm_negablate.runtime import PROMPT_LOGPROBS_FROM_KEY
+
+    async def main():
+        asgi, engine, reg = make_app()
+        await reg.startup()
+        await reg.put(ns("a"))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://t") as c:
+            r = await c.post(PATH, json={"model": "tiny@a", "items": []})
+            assert r.status_code == 200 and r.json()["model"] == "tiny"
+            assert r.json()["vllm_xargs"] == {"neuron_set": "a"}
+            r = await c.post(PATH, json={"model": "tiny@nope", "items": []})
+            assert r.status_code == 404
+            for path in ("/v1/completions", PATH):
+                r = await c.post(path, json={"model": "tiny@a", "prompt": "x",
+                                             "vllm_xargs": {PROMPT_LOGPROBS_FROM_KEY: 3}})
+                assert r.status_code == 400 and PROMPT_LOGPROBS_FROM_KEY in r.json()["error"]["message"]
+        assert dict(reg.in_flight) == {}  # nothing held after a refusal
+
+    asyncio.run(main())

@@ -7,7 +7,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_negablate.prompt_logprobs import MAX_CHUNK_ROWS, SCORE_CHUNK_BYTES, PromptRows, rows_per_chunk, score_rows
+from vllm_negablate.prompt_logprobs import (
+    MAX_CHUNK_ROWS,
+    SCORE_CHUNK_BYTES,
+    PromptRows,
+    mark_skipped,
+    rows_from,
+    rows_per_chunk,
+    score_rows,
+)
 
 HIDDEN, VOCAB = 16, 50
 
@@ -68,3 +76,39 @@ def test_empty_group_computes_nothing():
         raise AssertionError("no rows, no logits")
     score_rows(torch.zeros(3, HIDDEN), [], 0, compute_logits=boom, compute_scores=boom, gather=boom,
                vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("first_row", [0, 2, 5, 7, 9, 30])
+def test_a_continuation_request_computes_only_its_rows_and_marks_the_rest(first_row):
+    """A request's prompt arrives in chunks (rows 0-4, 5-8, 9-12 of 13); from row
+    ``first_row`` on, the rows equal the full computation's, before it they read NaN with
+    the prompt token and rank -1, whatever chunk they fall in, and no LM-head row is spent."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(VOCAB, HIDDEN, generator=gen)
+    hidden = torch.randn(13, HIDDEN, generator=gen)
+    tokens = torch.randint(0, VOCAB, (13,), generator=gen).tolist()
+    full, part = target(13, 0), target(13, 0)
+    computed = []
+
+    def logits(h):
+        computed.append(h.shape[0])
+        return h @ weight.T
+
+    kw = dict(compute_scores=lambda x: x.log_softmax(-1), gather=gather, vocab_size=VOCAB)
+    for start, count in ((0, 5), (5, 4), (9, 4)):
+        rows = PromptRows(offset=start, count=count, start=start, target=full, token_ids=tokens[start:start + count])
+        score_rows(hidden, [rows], 0, compute_logits=lambda h: h @ weight.T, **kw)
+        kept, skipped = rows_from(PromptRows(offset=start, count=count, start=start, target=part,
+                                             token_ids=tokens[start:start + count]), first_row)
+        assert skipped == min(max(0, first_row - start), count)
+        mark_skipped(part, start, tokens[start:start + skipped])
+        if kept is not None:
+            assert (kept.offset, kept.start, kept.count) == (start + skipped, start + skipped, count - skipped)
+            score_rows(hidden, [kept], 0, compute_logits=logits, **kw)
+    first = min(first_row, 13)
+    assert sum(computed) == 13 - first
+    torch.testing.assert_close(part.logprobs[first:], full.logprobs[first:], rtol=1e-6, atol=1e-5)  # blocking
+    assert torch.equal(part.selected_token_ranks[first:], full.selected_token_ranks[first:])
+    assert torch.isnan(part.logprobs[:first]).all()
+    assert (part.selected_token_ranks[:first] == -1).all()
+    assert part.logprob_token_ids[:first, 0].tolist() == tokens[:first]
