@@ -25,6 +25,8 @@ from vllm_negablate.testing.sets import random_set
 
 pytestmark = pytest.mark.slow
 SET = "rand"
+API = "api-secret"  # vLLM's --api-key guards the route like /v1/completions
+AUTH = {"Authorization": f"Bearer {API}"}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def served(tiny_models, tmp_path_factory):
     model_dir = tiny_models["llama"]
     ns = random_set(model_dir, SET, "negative", fraction=0.25, seed=3)
     ns.save(root / "sets" / f"{SET}.json")
-    server = ServerProcess(model_dir, "--neuron-sets", str(root / "sets"), "--admin-key", "k",
+    server = ServerProcess(model_dir, "--neuron-sets", str(root / "sets"), "--admin-key", "k", "--api-key", API,
                            log_path=root / "server.log", **TINY_SERVER).start()
     yield server, model_dir, ns
     server.stop()
@@ -63,7 +65,7 @@ def _greedy(oracle, context: list[int], n: int) -> list[int]:
 def test_equals_the_completions_echo_and_the_oracle(served, oracle, condition):
     server, _, ns = served
     items = _items(24, seed=0)
-    with NegablateClient(server.url) as client:
+    with NegablateClient(server.url, api_key=API) as client:
         got = client.loglikelihood(items, condition)
         echoed = client.score([c + x for c, x in items], condition)
     expected = oracle.batch_prompt_logprobs([c + x for c, x in items], ns if condition else None)
@@ -77,7 +79,7 @@ def test_equals_the_completions_echo_and_the_oracle(served, oracle, condition):
         assert r.logprob == math.fsum(r.token_logprobs)
     # the set changes the numbers far beyond the tolerance
     if condition:
-        with NegablateClient(server.url) as client:
+        with NegablateClient(server.url, api_key=API) as client:
             base = client.loglikelihood(items, None)
         assert max(abs(a.logprob - b.logprob) for a, b in zip(got, base)) > 100 * TOL
 
@@ -91,7 +93,7 @@ def test_is_greedy_is_the_oracles_argmax(served, oracle):
             greedy = _greedy(oracle, context, 3)
             other = greedy[:2] + [greedy[2] + 1]  # the last token is not the argmax
             items += [(context, greedy), (context, other), (context, greedy[:1])]
-    with NegablateClient(server.url) as client:
+    with NegablateClient(server.url, api_key=API) as client:
         got = client.loglikelihood(items, SET)
     assert [r.is_greedy for r in got] == [True, False, True] * len(contexts)
 
@@ -100,7 +102,8 @@ def test_bad_input_is_refused_and_changes_nothing(served):
     server, _, _ = served
     url = server.url + LOGLIKELIHOOD_PATH
     good = {"model": f"tiny@{SET}", "items": [{"context": [BOS, 7, 8], "continuation": [9, 10]}]}
-    first = httpx.post(url, json=good).json()["data"][0]["logprob"]
+    assert httpx.post(url, json=good).status_code == 401  # no API key
+    first = httpx.post(url, json=good, headers=AUTH).json()["data"][0]["logprob"]
     cases = [
         ({**good, "items": [{"context": [BOS] * 500, "continuation": [9] * 20}]}, 400, "context of 512"),
         ({**good, "items": [{"context": [BOS], "continuation": [10**6]}]}, 400, "outside the vocabulary"),
@@ -114,18 +117,18 @@ def test_bad_input_is_refused_and_changes_nothing(served):
          "content hash"),
     ]
     for body, status, words in cases:
-        r = httpx.post(url, json=body)
+        r = httpx.post(url, json=body, headers=AUTH)
         assert r.status_code == status, (body, r.text)
         assert words in r.json()["error"]["message"], r.text
     # a good item beside a bad one: the whole request is refused
     both = {**good, "items": good["items"] + [{"context": [BOS], "continuation": [10**6]}]}
-    assert httpx.post(url, json=both).status_code == 400
+    assert httpx.post(url, json=both, headers=AUTH).status_code == 400
     # completions refuse the internal key too
     r = httpx.post(server.url + "/v1/completions", json={
         "model": "tiny", "prompt": [[BOS, 7, 8]], "max_tokens": 0, "echo": True, "logprobs": 0,
-        "vllm_xargs": {PROMPT_LOGPROBS_FROM_KEY: 2}})
+        "vllm_xargs": {PROMPT_LOGPROBS_FROM_KEY: 2}}, headers=AUTH)
     assert r.status_code == 400
-    assert httpx.post(url, json=good).json()["data"][0]["logprob"] == first
-    with NegablateClient(server.url) as client, pytest.raises(NegablateAPIError) as err:
+    assert httpx.post(url, json=good, headers=AUTH).json()["data"][0]["logprob"] == first
+    with NegablateClient(server.url, api_key=API) as client, pytest.raises(NegablateAPIError) as err:
         client.loglikelihood([([BOS], [10**6])], SET)
     assert err.value.status == 400
