@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -276,25 +277,48 @@ def run_layers_phase(cfg: ReproduceConfig, model_dir: Path, disc: Path, data_dir
                             cpu_bind_all_cores=cfg.cpu_bind_all_cores))
 
 
-def _add_elapsed(out: Path, seconds: float) -> float:
-    """Total wall time over every invocation (a resumed run adds to it), from ``timing.json``."""
-    path = out / "timing.json"
-    runs = json.loads(path.read_text())["invocations_s"] if path.exists() else []
-    runs.append(round(seconds, 1))
-    path.write_text(json.dumps({"invocations_s": runs, "total_s": round(sum(runs), 1)}, indent=2))
-    return sum(runs)
+class RunClock:
+    """This invocation's wall time in ``OUT/timing.json``, beside the earlier ones', saved
+    after every phase: a run stopped mid-way (a session ending, a kill) still counts the
+    phases it finished, and a resumed run adds to the total instead of replacing it."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "timing.json"
+        self.t0 = time.monotonic()
+        self.invocations = read_invocations(self.path)
+        self.invocations.append({"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 "seconds": 0.0, "finished": False})
+        self.lap()
+
+    def lap(self, finished: bool = False) -> float:
+        """Save the time so far (``finished``: the invocation reached the end); the total."""
+        self.invocations[-1].update(seconds=round(time.monotonic() - self.t0, 1), finished=finished)
+        total = round(sum(i["seconds"] for i in self.invocations), 1)
+        self.path.write_text(json.dumps({"invocations": self.invocations, "total_s": total}, indent=2))
+        return total
+
+
+def read_invocations(path: Path) -> list[dict[str, Any]]:
+    """The invocations ``timing.json`` records (its first format, ``invocations_s``: the
+    seconds of finished invocations only, read as such)."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    if "invocations" in data:
+        return list(data["invocations"])
+    return [{"started_at": None, "seconds": s, "finished": True} for s in data.get("invocations_s", [])]
 
 
 def reproduce(cfg: ReproduceConfig) -> Path:
     from server.launcher import serve
     from vllm_negablate.offline import bind_worker_to_all_cores
 
-    t0 = time.monotonic()
     data_dir = preflight(cfg)
     if cfg.cpu_bind_all_cores:
         bind_worker_to_all_cores()
     out = cfg.out_dir()
     out.mkdir(parents=True, exist_ok=True)
+    clock = RunClock(out)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
@@ -302,7 +326,9 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     console.print(f"model: {model_dir}")
     corpus = clean_corpus(cfg, data_dir)
     disc = discover(cfg, model_dir, corpus, logs)
+    clock.lap()
     match_perplexity(cfg, model_dir, disc, data_dir, logs)
+    clock.lap()
     specs = condition_sets(cfg)
     missing = [s.set_name for s in specs if s.set_name and not (disc / "sets" / f"{s.set_name}.json").exists()]
     if missing:
@@ -319,13 +345,15 @@ def reproduce(cfg: ReproduceConfig) -> Path:
                                     cache=out / "cache" / "scores.sqlite", served_name="model",
                                     start_token=recorded_start_token(model_dir),
                                     title=f"reproduce: {runs.name}")
+                clock.lap()
     from eval.report import write_report
 
     if cfg.lm_tasks or cfg.layers_blimp_per_paradigm > 0:  # the main results first: phases 7-8 take hours
         console.print(f"[green]report so far:[/green] {write_report(cfg, disc, specs, model_dir)}")
     run_lm_tasks_phase(cfg, model_dir, disc, logs)
+    clock.lap()
     run_layers_phase(cfg, model_dir, disc, data_dir)
-    path = write_report(cfg, disc, specs, model_dir, elapsed_s=_add_elapsed(out, time.monotonic() - t0))
+    path = write_report(cfg, disc, specs, model_dir, elapsed_s=clock.lap(finished=True))
     console.print(f"[green]report:[/green] {path}")
     return path
 

@@ -305,7 +305,8 @@ def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, A
     lines += ["![Neuron counts](neuron_counts.png)", ""]
     lines += extra_sections
     if elapsed_s is not None:
-        lines.append(f"Total time: {elapsed_s / 60:.1f} min over all invocations (`timing.json`). Files: "
+        lines.append(f"Total time: {elapsed_s / 60:.1f} min, summed over the invocations `timing.json` records "
+                     "(one stopped before the end counts up to its last finished phase). Files: "
                      "`report.json`, `main_table.csv`, `head_to_head.csv`, `head_to_head_groups.csv`, `draws.csv`, `sweep_table.csv`, `tse_by_field.csv`, "
                      "`runs*/*/*/records.jsonl`.")
     return "\n".join(lines) + "\n"

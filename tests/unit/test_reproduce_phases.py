@@ -104,3 +104,22 @@ def test_the_matched_search_makes_each_missing_set_once_and_each_further_draw_wi
     calls.clear()
     match_perplexity(cfg, tmp_path / "model", tmp_path / "disc", tmp_path / "data", tmp_path)
     assert calls == []
+
+
+def test_the_run_clock_counts_stopped_invocations_and_adds_to_earlier_ones(tmp_path, monkeypatch):
+    """timing.json after each phase: an invocation killed after its first phase keeps that
+    phase's time (not finished), the next adds to it; the first format (seconds of
+    finished invocations) is read as such."""
+    from eval import reproduce
+
+    (tmp_path / "timing.json").write_text(json.dumps({"invocations_s": [100.0], "total_s": 100.0}))
+    now = iter([0.0, 0.0, 30.0, 1000.0, 1000.0, 1040.0, 1100.0])
+    monkeypatch.setattr(reproduce.time, "monotonic", lambda: next(now))
+    first = reproduce.RunClock(tmp_path)  # started at 0
+    assert first.lap() == 130.0  # a phase done at 30 s; then the invocation is killed
+    second = reproduce.RunClock(tmp_path)  # started at 1000
+    assert second.lap() == 170.0
+    assert second.lap(finished=True) == 230.0
+    data = json.loads((tmp_path / "timing.json").read_text())
+    assert [(i["seconds"], i["finished"]) for i in data["invocations"]] == [(100.0, True), (30.0, False), (100.0, True)]
+    assert data["total_s"] == 230.0
