@@ -28,6 +28,7 @@ from http import HTTPStatus
 
 from fastapi import APIRouter, HTTPException, Request
 
+from server.registry import SetNotFound
 from server.routes import OpenAIErrorRoute
 from server.schemas import (
     LOGLIKELIHOOD_PATH,
@@ -37,6 +38,7 @@ from server.schemas import (
     LoglikelihoodResult,
 )
 from vllm_negablate import vllm_adapter
+from vllm_negablate.neuron_set import NO_ABLATION, is_no_ablation
 from vllm_negablate.runtime import NEURON_SET_HASH_KEY, NEURON_SET_KEY
 
 XARGS_KEYS = frozenset({NEURON_SET_KEY, NEURON_SET_HASH_KEY})
@@ -70,12 +72,31 @@ def _check(body: LoglikelihoodRequest, request: Request) -> None:
                                 f"items[{i}]: token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}")
 
 
+def _pinned_selection(xargs: dict[str, str], request: Request) -> dict[str, str]:
+    """The neuron set every item is scored with, named with its content hash.
+
+    The engine pins each of its requests to a set at admission, and a request's items are
+    admitted one by one: a set replaced under its name (or a new default) in between would
+    score the later items with other content. Pinned here once (the set named, else the
+    server's default now, else ``none``), a replacement mid-request makes the later items
+    fail the engine's hash check instead, and the route answers 409 rather than a mix.
+    """
+    registry = request.app.state.negablate
+    name = xargs.get(NEURON_SET_KEY, registry.default)
+    if name is None or is_no_ablation(name):
+        return {NEURON_SET_KEY: NO_ABLATION}
+    return {NEURON_SET_KEY: name, NEURON_SET_HASH_KEY: xargs.get(NEURON_SET_HASH_KEY) or registry.content_hash(name)}
+
+
 @router.post(LOGLIKELIHOOD_PATH, response_model=LoglikelihoodResponse, summary="Log-likelihood of continuations")
 async def loglikelihood(body: LoglikelihoodRequest, request: Request) -> LoglikelihoodResponse:
     """lm_eval's ``loglikelihood``: per item, the continuation's summed log-probability
     given the context and whether it is the greedy continuation."""
     _check(body, request)
-    xargs = dict(body.vllm_xargs or {})
+    try:
+        xargs = _pinned_selection(dict(body.vllm_xargs or {}), request)
+    except SetNotFound as exc:  # deleted since the middleware resolved it
+        raise HTTPException(HTTPStatus.NOT_FOUND, str(exc)) from None
     base_id = f"negll-{uuid.uuid4().hex}"
     try:
         async with asyncio.TaskGroup() as group:  # one failure cancels the rest
@@ -88,10 +109,24 @@ async def loglikelihood(body: LoglikelihoodRequest, request: Request) -> Loglike
     for i, task in enumerate(tasks):
         scored = task.result()
         logprobs = [lp for lp, _ in scored]
-        if any(math.isnan(lp) for lp in logprobs):  # a set the engine could not pin: never a number
-            raise HTTPException(HTTPStatus.INTERNAL_SERVER_ERROR,
-                                f"items[{i}]: the engine answered NaN (see the server log)")
+        if any(math.isnan(lp) for lp in logprobs):  # the engine could not pin the set: never a number
+            _raise_unpinned(xargs, request, i)
         data.append(LoglikelihoodResult(index=i, logprob=math.fsum(logprobs),
                                         is_greedy=all(rank == 1 for _, rank in scored),
                                         token_logprobs=logprobs))
-    return LoglikelihoodResponse(model=body.model, neuron_set=xargs.get(NEURON_SET_KEY), data=data)
+    return LoglikelihoodResponse(model=body.model, neuron_set=xargs[NEURON_SET_KEY],
+                                 content_hash=xargs.get(NEURON_SET_HASH_KEY), data=data)
+
+
+def _raise_unpinned(xargs: dict[str, str], request: Request, index: int) -> None:
+    """409 when the pinned set was replaced or removed while the items were admitted
+    (retrying scores the new content throughout), else 500."""
+    registry = request.app.state.negablate
+    name, pinned = xargs.get(NEURON_SET_KEY), xargs.get(NEURON_SET_HASH_KEY)
+    current = registry.content_hash(name) if pinned and name in registry.sets else None  # None: deleted
+    if pinned and current != pinned:
+        raise HTTPException(HTTPStatus.CONFLICT, f"neuron set `{name}` changed while this request's items "
+                            f"were admitted (content {pinned} -> {current}); nothing was scored with a mix: "
+                            "send the request again")
+    raise HTTPException(HTTPStatus.INTERNAL_SERVER_ERROR,
+                        f"items[{index}]: the engine answered NaN (see the server log)")

@@ -119,5 +119,7 @@ class LoglikelihoodResult(BaseModel):
 class LoglikelihoodResponse(BaseModel):
     object: Literal["negablate.loglikelihood"] = "negablate.loglikelihood"
     model: str
-    neuron_set: str | None = Field(description="The set named in the request (None: the server's default).")
+    neuron_set: str = Field(description="The set every item was scored with: the one named, else the "
+                            "server's default at the time, else `none` (no ablation).")
+    content_hash: str | None = Field(None, description="That set's content hash (None for `none`).")
     data: list[LoglikelihoodResult]
