@@ -47,7 +47,8 @@ XARGS_KEYS = frozenset({NEURON_SET_KEY, NEURON_SET_HASH_KEY})
 router = APIRouter(tags=["scoring"], route_class=OpenAIErrorRoute, responses={
     400: {"model": ErrorResponse, "description": "Bad item (too long, unknown token id) or vllm_xargs key."},
     404: {"model": ErrorResponse, "description": "Unknown model or neuron set."},
-    409: {"model": ErrorResponse, "description": "neuron_set_hash names other content than the set holds."},
+    409: {"model": ErrorResponse, "description": "neuron_set_hash names other content than the set holds, "
+                                                "or the set changed while the items were admitted (retry)."},
 })
 
 
