@@ -217,11 +217,19 @@ def prepare_include_path(cfg: LmTasksConfig) -> tuple[Path | None, bool]:
     return build_include_path(cfg.tasks, cfg.include_paths, cfg.out / "local_tasks", cfg.data_dir)
 
 
+class ServerCheck(BaseModel):
+    """What :func:`check_server_models` read from the server's model list."""
+
+    cache_keys: dict[str, str]  # condition label -> request_cache_key
+    negablate: bool  # a `negablate serve` (its base card says its dtype): it has the loglikelihood route
+
+
 def check_server_models(cfg: LmTasksConfig, conditions: Sequence[Condition],
-                        api_key: str | None = None) -> dict[str, str]:
+                        api_key: str | None = None) -> ServerCheck:
     """Fail before lm_eval starts if the server does not serve every condition's
     model name (lm_eval would otherwise retry each request and then crash). Returns each
-    condition's :func:`request_cache_key`, read from the same listing."""
+    condition's :func:`request_cache_key`, read from the same listing, and whether the
+    server is ours (plain vLLM has no ``/v1/negablate/loglikelihood``)."""
     from server.http import normalize_base_url
     from server.http import ModelListError, list_models, models_url
 
@@ -236,7 +244,8 @@ def check_server_models(cfg: LmTasksConfig, conditions: Sequence[Condition],
         raise RuntimeError(f"the server at {cfg.server} does not serve {', '.join(missing)} "
                            f"(it lists: {', '.join(sorted(cards))}); upload the sets or fix --model/--set")
     base_card = cards.get(cfg.model, {})  # the dtype is on the base model's card only
-    return {c.label: request_cache_key({**base_card, **cards[c.model]}) for c in conditions}
+    return ServerCheck(cache_keys={c.label: request_cache_key({**base_card, **cards[c.model]}) for c in conditions},
+                       negablate="negablate_dtype" in base_card)
 
 
 # =========================================================================== running
@@ -336,7 +345,11 @@ def run_all(cfg: LmTasksConfig, api_key: str | None = None,
             cfg = cfg.model_copy(update={"server": server.url})
         if cfg.server is None:
             raise ValueError("no server: give LmTasksConfig.server or a server_factory")
-        cache_keys = check_server_models(cfg, pending, api_key)
+        checked = check_server_models(cfg, pending, api_key)
+        if cfg.backend == "negablate" and not checked.negablate:
+            console.print(f"[yellow]{cfg.server} is not `negablate serve` (no /v1/negablate/loglikelihood): "
+                          "lm_eval runs with --model local-completions[/yellow]")
+            cfg = cfg.model_copy(update={"backend": "local-completions"})
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("[bold]lm_eval[/bold] {task.description}"), BarColumn(),
@@ -347,7 +360,7 @@ def run_all(cfg: LmTasksConfig, api_key: str | None = None,
                 prog.update(bar, description=f"{c.label} ({', '.join(cfg.tasks)}; log: {cfg.out / 'logs'})")
                 t0 = time.monotonic()
                 done[c.label] = run_condition(cfg, c, include, offline, api_key, local_index=all_local,
-                                              cache_key=cache_keys[c.label])
+                                              cache_key=checked.cache_keys[c.label])
                 prog.console.print(f"{c.label}: {time.monotonic() - t0:.0f} s -> {done[c.label]}")
                 prog.advance(bar)
     finally:

@@ -330,7 +330,10 @@ def test_the_server_listing_gives_each_condition_its_cache_key(monkeypatch):
              {"id": "m@a", "negablate_content_hash": "h1"}]  # the dtype is on the base card only
     monkeypatch.setattr(http, "list_models", lambda *a, **k: cards)
     cfg = lt.LmTasksConfig(server="http://x", model="m", tokenizer="/t", sets=["a"], tasks=["mine"])
-    assert lt.check_server_models(cfg, cfg.conditions()) == {"baseline": "none-float32", "a": "h1-float32"}
+    checked = lt.check_server_models(cfg, cfg.conditions())
+    assert checked.cache_keys == {"baseline": "none-float32", "a": "h1-float32"} and checked.negablate
+    cards[0] = {"id": "m"}  # plain vLLM: no negablate fields, no loglikelihood route
+    assert not lt.check_server_models(cfg, cfg.conditions()).negablate
     with pytest.raises(RuntimeError, match="does not serve m@b"):
         lt.check_server_models(cfg, lt.conditions_for("m", ["b"]))
 
