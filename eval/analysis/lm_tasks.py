@@ -151,8 +151,6 @@ class LmTasksConfig(BaseModel):
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-
-
 def _completions_url(server: str) -> str:
     from server.http import normalize_base_url
 
