@@ -41,6 +41,9 @@ class NegablateLoglikelihoodAPI(LocalCompletionsAPI):
 
     def __init__(self, base_url: str | None = None, **kwargs: Any) -> None:
         super().__init__(base_url=base_url, **kwargs)
+        if not self.tokenized_requests:  # the route takes token ids: lm_eval must tokenize
+            raise ValueError("the negablate model needs token ids: a tokenizer "
+                             "(tokenizer_backend=huggingface) and tokenized_requests=True")
         root = (base_url or "").rstrip("/").removesuffix(COMPLETIONS_PATH)
         self._completions_url = root + COMPLETIONS_PATH
         self._loglikelihood_url = root + LOGLIKELIHOOD_PATH

@@ -51,3 +51,13 @@ def test_loglikelihood_and_generation_go_to_their_routes(lm, monkeypatch):
     assert seen == ["http://h:1/v1/negablate/loglikelihood", "http://h:1/v1/completions"]
     payload = lm._create_payload(["hi"], generate=True, gen_kwargs={"until": ["\n"]})
     assert payload["prompt"] == ["hi"] and "items" not in payload  # generation: lm_eval's own body
+
+
+def test_string_requests_are_refused_at_construction(tiny_models):
+    from lm_eval.api.registry import get_model
+
+    import eval.lm_eval_tasks.negablate_lm  # noqa: F401  (registers the model)
+
+    with pytest.raises(ValueError, match="token ids"):
+        get_model("negablate")(model="m", base_url="http://h:1/v1/completions", tokenizer_backend="huggingface",
+                               tokenizer=str(tiny_models["llama"]), tokenized_requests=False)
