@@ -321,7 +321,8 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     clock = RunClock(out)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    # where the folder and the data are is this machine's business, not the run's record
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2, exclude={"out", "data_dir"}))
     model_dir = resolve_model(cfg, logs)
     console.print(f"model: {model_dir}")
     corpus = clean_corpus(cfg, data_dir)
