@@ -60,6 +60,12 @@ SERVER_DEFAULT: Final = _ServerDefault()
 """Select no set in a request, so the server's default set (if any) applies."""
 
 
+def _selector(neuron_set: str | None | _ServerDefault) -> str | None:
+    """The set name a request sends: ``None`` -> ``none`` (no ablation, whatever the
+    default), :data:`SERVER_DEFAULT` -> nothing (the server's default applies)."""
+    return None if neuron_set is SERVER_DEFAULT else (neuron_set or NO_ABLATION)
+
+
 class NegablateAPIError(RuntimeError):
     def __init__(self, status: int, message: str, body: Any = None) -> None:
         super().__init__(f"HTTP {status}: {message}")
@@ -215,7 +221,7 @@ class NegablateClient:
         """
         model = self.model
         extra: dict[str, Any] = {}
-        selector = None if neuron_set is SERVER_DEFAULT else (neuron_set or NO_ABLATION)
+        selector = _selector(neuron_set)
         if selector is not None and use_xargs:
             extra["vllm_xargs"] = {"neuron_set": selector}
         elif selector is not None:
@@ -243,10 +249,8 @@ class NegablateClient:
         ``neuron_set`` as in :meth:`score`. At most
         :data:`~server.schemas.MAX_ITEMS` items per call.
         """
-        model = self.model
-        selector = None if neuron_set is SERVER_DEFAULT else (neuron_set or NO_ABLATION)
-        if selector is not None:
-            model = f"{model}@{selector}"
+        selector = _selector(neuron_set)
+        model = self.model if selector is None else f"{self.model}@{selector}"
         body = LoglikelihoodRequest(model=model, items=[
             LoglikelihoodItem(context=[int(t) for t in c], continuation=[int(t) for t in x]) for c, x in items])
         data = self._request("POST", LOGLIKELIHOOD_PATH, json=body.model_dump(exclude_none=True))

@@ -582,6 +582,7 @@ def _batched_prompt_logprobs(runner, hidden_states, num_scheduled_tokens):
     import torch
 
     from vllm_negablate.prompt_logprobs import PromptRows, mark_skipped, rows_from, score_rows
+    from vllm_negablate.runtime import PROMPT_LOGPROBS_FROM_KEY
 
     pending = runner.num_prompt_logprobs
     if not pending:
@@ -615,7 +616,7 @@ def _batched_prompt_logprobs(runner, hidden_states, num_scheduled_tokens):
         offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
         wanted = PromptRows(offset=offset, count=num_logits, start=start_idx, target=target,
                             token_ids=request.prompt_token_ids[start_tok:start_tok + num_logits])
-        first = _prompt_logprobs_from(request.sampling_params)
+        first = _prompt_logprobs_from(request.sampling_params, PROMPT_LOGPROBS_FROM_KEY)
         if first is not None:  # the continuation only: the rows before it are not computed
             wanted, skipped = rows_from(wanted, first - 1)
             mark_skipped(target, start_idx, request.prompt_token_ids[start_tok:start_tok + skipped])
@@ -641,15 +642,14 @@ def _batched_prompt_logprobs(runner, hidden_states, num_scheduled_tokens):
     return done
 
 
-def _prompt_logprobs_from(sampling_params: Any) -> int | None:
-    """The first prompt position a request wants a log-probability for
-    (:data:`~vllm_negablate.runtime.PROMPT_LOGPROBS_FROM_KEY` in its ``extra_args``), or
+def _prompt_logprobs_from(sampling_params: Any, key: str) -> int | None:
+    """The first prompt position a request wants a log-probability for (``key``,
+    :data:`~vllm_negablate.runtime.PROMPT_LOGPROBS_FROM_KEY`, in its ``extra_args``), or
     None: all of them. Only :func:`continuation_logprobs` sets it (the middleware refuses
-    it from clients: the rows before would be answered as NaN)."""
+    it from clients: the rows before would be answered as NaN). The key is passed in so
+    that this per-request, per-step call imports nothing."""
     extra = getattr(sampling_params, "extra_args", None)
-    from vllm_negablate.runtime import PROMPT_LOGPROBS_FROM_KEY
-
-    first = extra.get(PROMPT_LOGPROBS_FROM_KEY) if isinstance(extra, dict) else None
+    first = extra.get(key) if isinstance(extra, dict) else None
     return first if isinstance(first, int) and first >= 1 else None
 
 
