@@ -39,8 +39,9 @@ tokens without a start token, so it never scores the first token of a window.)
 
 Output files of a run directory (see :func:`write_pair_run` / :func:`write_ppl_run`):
 ``records.jsonl`` (one :class:`PairResult` or :class:`WindowResult` per line),
-``summary.json`` (a :class:`PairRunSummary` / :class:`PerplexitySummary`) and
-``summary.csv`` (the accuracy rows, or the one perplexity row).
+``summary.json`` (a :class:`PairRunSummary` / :class:`PerplexitySummary`),
+``summary.csv`` (the accuracy rows, or the one perplexity row) and ``records.npz``
+(the records without the sentences: what a result folder commits, :mod:`eval.run_pack`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ __all__ = [
     "group_keys_for",
     "load_records",
     "load_summary",
+    "pair_result",
     "print_pair_summary",
     "print_ppl_summary",
     "score_pairs",
@@ -188,11 +190,28 @@ def group_keys_for(task: str) -> tuple[str, ...]:
     return ("paradigm", "phenomenon") if task == "blimp" else ("paradigm", "field")
 
 
-def _sent_stats(lps: list[float | None]) -> tuple[float, int, float]:
+def _sent_stats(lps: list[float | None]) -> tuple[float, int]:
+    """(summed log-probability, tokens scored): the start token's ``None`` left out."""
     vals = [v for v in lps[1:] if v is not None]
-    s = math.fsum(vals)
-    n = len(vals)
-    return s, n, (s / n if n else 0.0)
+    return math.fsum(vals), len(vals)
+
+
+def pair_result(p: MinimalPair, sum_good: float, n_good: int, sum_bad: float, n_bad: int,
+                metric: str) -> PairResult:
+    """The record of pair ``p`` from its sentences' summed log-probabilities and token
+    counts: the one place a pair's means and decisions are made (scoring, and rebuilding
+    from a records pack: :mod:`eval.run_pack`)."""
+    mg = sum_good / n_good if n_good else 0.0
+    mb = sum_bad / n_bad if n_bad else 0.0
+    c_sum, c_mean = sum_good > sum_bad, mg > mb
+    tie = (sum_good == sum_bad) if metric == "sum" else (mg == mb)
+    return PairResult(
+        source=p.source, paradigm=p.paradigm, pair_id=p.pair_id, phenomenon=p.phenomenon,
+        field=p.field, condition=p.condition, sentence_good=p.good, sentence_bad=p.bad,
+        logprob_good=sum_good, logprob_bad=sum_bad, n_tokens_good=n_good, n_tokens_bad=n_bad,
+        mean_logprob_good=mg, mean_logprob_bad=mb, correct_sum=c_sum, correct_mean=c_mean,
+        correct=c_sum if metric == "sum" else c_mean, tie=tie,
+    )
 
 
 async def _ascore_pairs(scorer: CompletionsScorer, pairs: Sequence[MinimalPair], metric: str,
@@ -204,17 +223,9 @@ async def _ascore_pairs(scorer: CompletionsScorer, pairs: Sequence[MinimalPair],
     lps = await scorer.ascore_ids(seqs, desc=desc)
     out: list[PairResult] = []
     for i, p in enumerate(pairs):
-        sg, ng, mg = _sent_stats(lps[2 * i])
-        sb, nb, mb = _sent_stats(lps[2 * i + 1])
-        c_sum, c_mean = sg > sb, mg > mb
-        tie = (sg == sb) if metric == "sum" else (mg == mb)
-        out.append(PairResult(
-            source=p.source, paradigm=p.paradigm, pair_id=p.pair_id, phenomenon=p.phenomenon,
-            field=p.field, condition=p.condition, sentence_good=p.good, sentence_bad=p.bad,
-            logprob_good=sg, logprob_bad=sb, n_tokens_good=ng, n_tokens_bad=nb,
-            mean_logprob_good=mg, mean_logprob_bad=mb, correct_sum=c_sum, correct_mean=c_mean,
-            correct=c_sum if metric == "sum" else c_mean, tie=tie,
-        ))
+        sg, ng = _sent_stats(lps[2 * i])
+        sb, nb = _sent_stats(lps[2 * i + 1])
+        out.append(pair_result(p, sg, ng, sb, nb, metric))
     return out
 
 
@@ -343,10 +354,14 @@ def _write_jsonl(path: Path, rows: Sequence[BaseModel]) -> None:
 
 def write_pair_run(out: str | os.PathLike[str], records: Sequence[PairResult],
                    summary: PairRunSummary) -> Path:
-    """Write ``records.jsonl``, ``summary.json`` and ``summary.csv`` into ``out``."""
+    """Write ``records.jsonl``, its pack ``records.npz`` (:mod:`eval.run_pack`),
+    ``summary.json`` and ``summary.csv`` into ``out``."""
+    from eval.run_pack import PACK_FILE, pack_pairs
+
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     _write_jsonl(d / RECORDS_FILE, records)
+    pack_pairs(d / PACK_FILE, records, summary.metric)
     (d / SUMMARY_JSON).write_text(summary.model_dump_json(indent=2) + "\n", encoding="utf-8")
     gk = summary.group_keys
     ties = {(r.level, r.group): r.n_correct for r in accuracy_rows(records, gk, "tie")}
@@ -363,9 +378,13 @@ def write_pair_run(out: str | os.PathLike[str], records: Sequence[PairResult],
 
 def write_ppl_run(out: str | os.PathLike[str], records: Sequence[WindowResult],
                   summary: PerplexitySummary) -> Path:
+    """As :func:`write_pair_run`, for perplexity windows."""
+    from eval.run_pack import PACK_FILE, pack_windows
+
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     _write_jsonl(d / RECORDS_FILE, records)
+    pack_windows(d / PACK_FILE, records)
     (d / SUMMARY_JSON).write_text(summary.model_dump_json(indent=2) + "\n", encoding="utf-8")
     with (d / SUMMARY_CSV).open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
@@ -386,13 +405,23 @@ def load_summary(run_dir: str | os.PathLike[str]) -> PairRunSummary | Perplexity
     return PairRunSummary.model_validate(data)
 
 
-def load_records(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a run directory's ``records.jsonl`` as dicts (errors name file and line)."""
+def load_records(run_dir: str | os.PathLike[str],
+                 data_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """Read a run directory's ``records.jsonl`` as dicts (errors name file and line).
+
+    A run folder from a clone has only the committed pack ``records.npz``
+    (:mod:`eval.run_pack`): then ``records.jsonl`` is rebuilt from it and the data
+    folder (``data_dir``, default :func:`eval.data.default_data_dir`) and written
+    beside it, so the next read is a plain one.
+    """
     from eval.data import DataFormatError
+    from eval.run_pack import PACK_FILE, read_pack
 
     p = Path(run_dir) / RECORDS_FILE
     if not p.is_file():
-        raise FileNotFoundError(f"{p} not found: not a run directory")
+        if not (Path(run_dir) / PACK_FILE).is_file():
+            raise FileNotFoundError(f"{p} not found: not a run directory")
+        _write_jsonl(p, read_pack(Path(run_dir) / PACK_FILE, data_dir))
     out: list[dict[str, Any]] = []
     with p.open(encoding="utf-8") as fh:
         for ln, line in enumerate(fh, start=1):
