@@ -11,7 +11,8 @@ sentence); per perplexity window the whole record. Everything else of a
 :class:`~eval.tasks.PairResult` (the sentences, the phenomenon, the means, the decisions)
 follows from the data and those numbers, exactly as :func:`eval.tasks.pair_result` makes
 them while scoring. :func:`eval.tasks.load_records` rebuilds ``records.jsonl`` from the
-pack and the data folder when only the pack is there.
+pack and the data folder when only the pack is there. This module is the format only (it
+imports nothing of the harness); :mod:`eval.tasks` reads and writes it.
 
 Float64 sums are kept as they are (no rounding: a tie stays a tie), about 24 bytes a pair.
 """
@@ -19,15 +20,16 @@ Float64 sums are kept as they are (no rounding: a tie stays a tie), about 24 byt
 from __future__ import annotations
 
 import functools
-import json
 import os
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["PACK_FILE", "PACK_FORMAT", "PackError", "pack_missing", "pack_pairs", "unpack_missing", "pack_windows", "read_pack"]
+__all__ = ["PACK_FILE", "PACK_FORMAT", "PackError", "PackedPairs", "PackedWindows", "pack_pairs", "pack_windows",
+           "pairs_by_key", "read_pack"]
 
 PACK_FILE = "records.npz"
 PACK_FORMAT = 1
@@ -75,10 +77,54 @@ def pack_windows(path: str | os.PathLike[str], records: Sequence[Any]) -> None:
     })
 
 
+@dataclass(frozen=True)
+class PackedPairs:
+    """A pairs pack as read: row i is pair (``sources[i]``, ``paradigms[i]``, ``pair_ids[i]``)."""
+
+    metric: str
+    sources: list[str]
+    paradigms: list[str]
+    pair_ids: list[int]
+    logprob: np.ndarray  # [n, 2] float64: summed log-prob of the good and the bad sentence
+    n_tokens: np.ndarray  # [n, 2] int: their token counts
+
+
+@dataclass(frozen=True)
+class PackedWindows:
+    window_id: list[int]
+    start: list[int]
+    n_tokens: list[int]
+    nll_sum: list[float]
+
+
+def read_pack(path: str | os.PathLike[str]) -> PackedPairs | PackedWindows:
+    """The arrays of a pack; :class:`PackError` if it is not one this version reads."""
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise PackError(f"{p}: not a records pack ({exc})") from None
+    if int(arrays.get("format", -1)) != PACK_FORMAT:
+        raise PackError(f"{p}: pack format {arrays.get('format')}, this version reads {PACK_FORMAT}")
+    kind = str(arrays.get("kind"))
+    if kind == "windows":
+        return PackedWindows(window_id=[int(x) for x in arrays["window_id"]], start=[int(x) for x in arrays["start"]],
+                             n_tokens=[int(x) for x in arrays["n_tokens"]],
+                             nll_sum=[float(x) for x in arrays["nll_sum"]])
+    if kind != "pairs":
+        raise PackError(f"{p}: unknown pack kind {kind!r}")
+    sources, paradigms = [str(x) for x in arrays["sources"]], [str(x) for x in arrays["paradigms"]]
+    return PackedPairs(metric=str(arrays["metric"]), sources=[sources[int(i)] for i in arrays["source_index"]],
+                       paradigms=[paradigms[int(i)] for i in arrays["paradigm_index"]],
+                       pair_ids=[int(x) for x in arrays["pair_id"]], logprob=arrays["logprob"],
+                       n_tokens=arrays["n_tokens"])
+
+
 @functools.lru_cache(maxsize=8)
-def _pairs_by_key(source: str, data_dir: str | None) -> dict[tuple[str, int], Any]:
-    """Every pair of ``source`` in the data folder, by (paradigm, pair id); cached per
-    process (a report rebuilds dozens of runs from the same benchmark)."""
+def pairs_by_key(source: str, data_dir: str | None) -> dict[tuple[str, int], Any]:
+    """Every :class:`~eval.data.MinimalPair` of ``source`` in the data folder, by (paradigm,
+    pair id); cached per process (a report rebuilds dozens of runs from one benchmark)."""
     from eval.data import load_blimp, load_tse, load_tse_ml
 
     if source == "blimp":
@@ -90,77 +136,3 @@ def _pairs_by_key(source: str, data_dir: str | None) -> dict[tuple[str, int], An
     else:
         raise PackError(f"unknown pair source {source!r}")
     return {(p.paradigm, p.pair_id): p for p in pairs}
-
-
-def read_pack(path: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None) -> list[Any]:
-    """The records a pack stands for: :class:`~eval.tasks.PairResult` (pairs, their
-    sentences and labels looked up in ``data_dir``, default :func:`eval.data.default_data_dir`)
-    or :class:`~eval.tasks.WindowResult`. :class:`PackError` if a pair is not in the data."""
-    from eval.tasks import WindowResult, pair_result
-
-    p = Path(path)
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise PackError(f"{p}: not a records pack ({exc})") from None
-    if int(arrays.get("format", -1)) != PACK_FORMAT:
-        raise PackError(f"{p}: pack format {arrays.get('format')}, this version reads {PACK_FORMAT}")
-    kind = str(arrays["kind"])
-    if kind == "windows":
-        return [WindowResult(window_id=int(w), start=int(s), n_tokens=int(n), nll_sum=float(x))
-                for w, s, n, x in zip(arrays["window_id"], arrays["start"], arrays["n_tokens"],
-                                      arrays["nll_sum"], strict=True)]
-    if kind != "pairs":
-        raise PackError(f"{p}: unknown pack kind {kind!r}")
-    root = None if data_dir is None else str(data_dir)
-    sources, paradigms = [str(s) for s in arrays["sources"]], [str(s) for s in arrays["paradigms"]]
-    metric = str(arrays["metric"])
-    out = []
-    for si, pi, pid, (lg, lb), (ng, nb) in zip(arrays["source_index"], arrays["paradigm_index"], arrays["pair_id"],
-                                               arrays["logprob"], arrays["n_tokens"], strict=True):
-        source, paradigm = sources[int(si)], paradigms[int(pi)]
-        pair = _pairs_by_key(source, root).get((paradigm, int(pid)))
-        if pair is None:
-            raise PackError(f"{p}: pair {source}/{paradigm}/{int(pid)} is not in the data folder "
-                            f"({root or 'the default'}): rebuilt from other data than it was scored on?")
-        out.append(pair_result(pair, float(lg), int(ng), float(lb), int(nb), metric))
-    return out
-
-
-def pack_missing(folder: str | os.PathLike[str]) -> list[Path]:
-    """Pack every finished run under ``folder`` (``summary.json`` beside ``records.jsonl``)
-    that has no ``records.npz`` yet, or an older one than its records; the runs packed.
-
-    Why: runs written before packs existed, or by an older checkout still running, get
-    their committed form when the report is rebuilt (:func:`eval.report.rebuild`)."""
-    from eval.tasks import RECORDS_FILE, SUMMARY_JSON, PairResult, WindowResult
-
-    done = []
-    for records in sorted(Path(folder).rglob(RECORDS_FILE)):
-        run, pack = records.parent, records.parent / PACK_FILE
-        summary = run / SUMMARY_JSON
-        if not summary.is_file() or (pack.is_file() and pack.stat().st_mtime >= records.stat().st_mtime):
-            continue
-        meta = json.loads(summary.read_text(encoding="utf-8"))
-        lines = [line for line in records.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if meta.get("run", {}).get("task") == "perplexity":
-            pack_windows(pack, [WindowResult.model_validate_json(line) for line in lines])
-        else:
-            pack_pairs(pack, [PairResult.model_validate_json(line) for line in lines], meta["metric"])
-        done.append(run)
-    return done
-
-
-def unpack_missing(folder: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Rebuild ``records.jsonl`` of every run under ``folder`` that has only its pack (a
-    fresh clone), from the data folder ``data_dir`` (default :func:`eval.data.default_data_dir`);
-    the runs rebuilt."""
-    from eval.tasks import RECORDS_FILE, load_records
-
-    done = []
-    for pack in sorted(Path(folder).rglob(PACK_FILE)):
-        if not (pack.parent / RECORDS_FILE).is_file():
-            load_records(pack.parent, data_dir)
-            done.append(pack.parent)
-    return done

@@ -77,7 +77,10 @@ __all__ = [
     "group_keys_for",
     "load_records",
     "load_summary",
+    "pack_runs",
     "pair_result",
+    "records_from_pack",
+    "unpack_runs",
     "print_pair_summary",
     "print_ppl_summary",
     "score_pairs",
@@ -415,13 +418,13 @@ def load_records(run_dir: str | os.PathLike[str],
     beside it, so the next read is a plain one.
     """
     from eval.data import DataFormatError
-    from eval.run_pack import PACK_FILE, read_pack
+    from eval.run_pack import PACK_FILE
 
     p = Path(run_dir) / RECORDS_FILE
     if not p.is_file():
         if not (Path(run_dir) / PACK_FILE).is_file():
             raise FileNotFoundError(f"{p} not found: not a run directory")
-        _write_jsonl(p, read_pack(Path(run_dir) / PACK_FILE, data_dir))
+        _write_jsonl(p, records_from_pack(Path(run_dir) / PACK_FILE, data_dir))
     out: list[dict[str, Any]] = []
     with p.open(encoding="utf-8") as fh:
         for ln, line in enumerate(fh, start=1):
@@ -432,6 +435,66 @@ def load_records(run_dir: str | os.PathLike[str],
             except json.JSONDecodeError as e:
                 raise DataFormatError(p, ln, f"invalid JSON: {e.msg}") from None
     return out
+
+
+def records_from_pack(path: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None
+                      ) -> list[PairResult] | list[WindowResult]:
+    """The records a ``records.npz`` stands for: pairs made by :func:`pair_result` from
+    their numbers and the data folder's pair (sentences, labels); windows as stored.
+    :class:`~eval.run_pack.PackError` if a pair is not in the data."""
+    from eval.run_pack import PackedWindows, PackError, pairs_by_key, read_pack
+
+    pack = read_pack(path)
+    if isinstance(pack, PackedWindows):
+        return [WindowResult(window_id=w, start=s, n_tokens=n, nll_sum=x)
+                for w, s, n, x in zip(pack.window_id, pack.start, pack.n_tokens, pack.nll_sum, strict=True)]
+    root = None if data_dir is None else str(data_dir)
+    out = []
+    for i, (source, paradigm, pair_id) in enumerate(zip(pack.sources, pack.paradigms, pack.pair_ids, strict=True)):
+        pair = pairs_by_key(source, root).get((paradigm, pair_id))
+        if pair is None:
+            raise PackError(f"{path}: pair {source}/{paradigm}/{pair_id} is not in the data folder "
+                            f"({root or 'the default'}): rebuilt from other data than it was scored on?")
+        (lg, lb), (ng, nb) = pack.logprob[i], pack.n_tokens[i]
+        out.append(pair_result(pair, float(lg), int(ng), float(lb), int(nb), pack.metric))
+    return out
+
+
+def pack_runs(folder: str | os.PathLike[str]) -> list[Path]:
+    """Pack every finished run under ``folder`` (``summary.json`` beside ``records.jsonl``)
+    that has no ``records.npz`` yet, or an older one than its records; the runs packed.
+
+    Why: runs written before packs existed, or by an older checkout still running, get
+    their committed form when the report is rebuilt (:func:`eval.report.write_report`)."""
+    from eval.run_pack import PACK_FILE, pack_pairs, pack_windows
+
+    done = []
+    for records in sorted(Path(folder).rglob(RECORDS_FILE)):
+        run, pack = records.parent, records.parent / PACK_FILE
+        summary = run / SUMMARY_JSON
+        if not summary.is_file() or (pack.is_file() and pack.stat().st_mtime >= records.stat().st_mtime):
+            continue
+        meta = json.loads(summary.read_text(encoding="utf-8"))
+        lines = [line for line in records.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if meta.get("run", {}).get("task") == "perplexity":
+            pack_windows(pack, [WindowResult.model_validate_json(line) for line in lines])
+        else:
+            pack_pairs(pack, [PairResult.model_validate_json(line) for line in lines], meta["metric"])
+        done.append(run)
+    return done
+
+
+def unpack_runs(folder: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Rebuild ``records.jsonl`` of every run under ``folder`` that has only its pack (a
+    fresh clone), from the data folder; the runs rebuilt."""
+    from eval.run_pack import PACK_FILE
+
+    done = []
+    for pack in sorted(Path(folder).rglob(PACK_FILE)):
+        if not (pack.parent / RECORDS_FILE).is_file():
+            load_records(pack.parent, data_dir)
+            done.append(pack.parent)
+    return done
 
 
 # --------------------------------------------------------------------------- terminal

@@ -78,9 +78,11 @@ def _pinned_selection(xargs: dict[str, str], request: Request) -> dict[str, str]
 
     The engine pins each of its requests to a set at admission, and a request's items are
     admitted one by one: a set replaced under its name (or a new default) in between would
-    score the later items with other content. Pinned here once (the set named, else the
-    server's default now, else ``none``), a replacement mid-request makes the later items
-    fail the engine's hash check instead, and the route answers 409 rather than a mix.
+    score the later items with other content. The middleware already resolves the default
+    and holds the set (a replacing upload waits for the request) and sends the held hash;
+    this pins again (the set named, else the server's default now, else ``none``) so the
+    route is exact on its own: content changed under it anyway makes the later items fail
+    the engine's hash check, and the route answers 409 rather than a mix.
     """
     registry = request.app.state.negablate
     name = xargs.get(NEURON_SET_KEY, registry.default)

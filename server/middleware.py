@@ -132,17 +132,17 @@ class NegablateMiddleware:
         except ValueError:
             data = None
         original = data
-        name, data = self._select(data, state)
+        name, data, from_default = self._select(data, state)
         if isinstance(name, dict):  # an error body
             return await _send_json(send, name["error"]["code"], name)
-        if name is not None or data is not original:
-            body = json.dumps(data).encode()
-            scope = _replace_header(scope, b"content-length", str(len(body)).encode())
         if name is not None:
             try:
                 await registry.acquire(name)
             except (SetNotFound, SetGone) as exc:
-                return await _send_json(send, 404, _error(404, str(exc), "NotFoundError", "model"))
+                if not from_default:
+                    return await _send_json(send, 404, _error(404, str(exc), "NotFoundError", "model"))
+                # the default went away meanwhile (deleted): what a request naming no set gets now
+                name, data = None, _with_xargs(data, {SET_KEY: NO_ABLATION})
             except SlotWaitTimeout as exc:
                 return await _send_json(
                     send, 503, _error(503, str(exc), "ServiceUnavailableError", "model"),
@@ -150,10 +150,19 @@ class NegablateMiddleware:
             except NeuronSetError as exc:  # no evictable slot, or the workers refused the set
                 return await _send_json(send, 503, _error(503, str(exc), "ServiceUnavailableError",
                                                           "model"))
+        if name is not None:
             conflict = _content_conflict(registry, name, data)
             if conflict is not None:
                 registry.release(name)
                 return await _send_json(send, 409, conflict)
+            # Every prompt of the request expects the content held now: the engine admits
+            # them one at a time and checks each against this hash (a client's own hash
+            # was just checked to be this one).
+            if NEURON_SET_HASH_KEY not in data["vllm_xargs"]:
+                data = _with_xargs(data, {NEURON_SET_HASH_KEY: registry.content_hash(name)})
+        if data is not original:
+            body = json.dumps(data).encode()
+            scope = _replace_header(scope, b"content-length", str(len(body)).encode())
         replayed = False
         held = name is not None
 
@@ -183,10 +192,15 @@ class NegablateMiddleware:
             release()
 
     @staticmethod
-    def _select(data: Any, state) -> tuple[Any, Any]:
-        """(set name or None or an error dict, rewritten body)."""
+    def _select(data: Any, state) -> tuple[Any, Any, bool]:
+        """(set name or None or an error dict, rewritten body, whether the name is the
+        server's default, resolved here because the request named no set).
+
+        The default is resolved when the request arrives, not per prompt at admission: a
+        request with several prompts gets one set whatever the default becomes meanwhile.
+        """
         if not isinstance(data, dict):
-            return None, data  # vLLM reports the malformed body
+            return None, data, False  # vLLM reports the malformed body
         registry = state.negablate
         model = data.get("model")
         xargs = data.get("vllm_xargs")
@@ -195,28 +209,35 @@ class NegablateMiddleware:
         if internal:
             return _error(400, f"vllm_xargs {internal} is internal to the server (its rows before "
                           "that position would read NaN); ask /v1/negablate/loglikelihood for "
-                          "continuation log-probabilities", "BadRequestError", "vllm_xargs"), data
+                          "continuation log-probabilities", "BadRequestError", "vllm_xargs"), data, False
         name = xargs.get(SET_KEY) if xargs else None
         if isinstance(model, str) and "@" in model:
             base, _, at_name = model.partition("@")
             if not vllm_adapter.serves_model(state, base):
-                return None, data  # vLLM's own "model does not exist" 404
+                return None, data, False  # vLLM's own "model does not exist" 404
             if name is not None and name != at_name:
                 return _error(400, f"model names set {at_name!r} but vllm_xargs.neuron_set is {name!r}",
-                              "BadRequestError", "model"), data
+                              "BadRequestError", "model"), data, False
             name = at_name
             data = {**data, "model": base}
+        from_default = False
         if name is None:
-            return None, data
+            if registry.default is None:
+                return None, data, False
+            name, from_default = registry.default, True
         if is_no_ablation(name):  # the reserved selector: no ablation, whatever the default
-            data = {**data, "vllm_xargs": {**(xargs or {}), SET_KEY: NO_ABLATION}}
-            return None, data
+            return None, _with_xargs(data, {SET_KEY: NO_ABLATION}), False
         if not isinstance(name, str) or name not in registry.sets:
             return _error(404, f"The neuron set `{name}` does not exist. Known sets: "
                           f"{sorted(registry.sets)} (`{NO_ABLATION}`: no ablation).",
-                          "NotFoundError", "model"), data
-        data = {**data, "vllm_xargs": {**(xargs or {}), SET_KEY: name}}
-        return name, data
+                          "NotFoundError", "model"), data, False
+        return name, _with_xargs(data, {SET_KEY: name}), from_default
+
+
+def _with_xargs(data: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with ``extra`` merged into its ``vllm_xargs`` (a new dict)."""
+    xargs = data.get("vllm_xargs")
+    return {**data, "vllm_xargs": {**(xargs if isinstance(xargs, dict) else {}), **extra}}
 
 
 def _content_conflict(registry, name: str, data: Any) -> dict | None:

@@ -6,10 +6,12 @@ decides which of them are resident on the workers (at most ``max_resident``)
 and makes requests for the others wait their turn.
 
 * Uploads never depend on load: a set is validated against the model's shape
-  here (no worker slot needed), saved, and becomes resident on first use. If
-  the name is resident already, the workers are re-pointed to the new content
-  at once; requests that were admitted with the old content keep it (they are
-  pinned by content hash on the workers).
+  here (no worker slot needed), saved, and becomes resident on first use.
+  Replacing a set that running requests use *waits* for them, as a delete does
+  (new requests for the name wait behind the upload and get the new content):
+  a set's content never changes under a request, whose several prompts vLLM
+  admits one at a time. If the name is resident, the workers are then
+  re-pointed to the new content at once.
 * ``DELETE`` of a set that running requests use *waits* for them (bounded by
   the same wait limit as requests); new requests for it are refused (404)
   from the moment the delete is asked for. If they do not finish in time,
@@ -22,6 +24,7 @@ and makes requests for the others wait their turn.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -30,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from server.residency import SlotScheduler
+from server.residency import SlotScheduler, SlotWaitTimeout
 from vllm_negablate.runtime import SlotsExhausted
 from vllm_negablate.neuron_set import (
     NO_ABLATION,
@@ -76,6 +79,8 @@ class SetRegistry:
         self.fingerprint: ModelFingerprint | None = None
         self.load_errors: dict[str, str] = {}
         self.deleting: set[str] = set()
+        self.replacing: set[str] = set()  # uploads waiting for a set's running requests
+        self._upload_locks: dict[str, asyncio.Lock] = {}
         self.slots = SlotScheduler(
             max_resident, self._load_on_workers, self._unload_from_workers,
             known=lambda name: name in self.sets and name not in self.deleting,
@@ -144,17 +149,40 @@ class SetRegistry:
 
     # ---------------------------------------------------------------- control
     async def put(self, ns: NeuronSet) -> NeuronSet:
-        """Validate against the model and save; never needs a free slot."""
+        """Validate against the model and save; never needs a free slot.
+
+        Replacing a set that requests are using waits until they finish (bounded, like
+        :meth:`delete`; new requests for it wait behind the upload): a set's content never
+        changes under a running request, so every prompt of a request with several is
+        scored with one content (vLLM admits them one by one), and no request the engine
+        admitted under the old content finds it unloaded (NaN). Past the wait limit:
+        :class:`SetInUse`, nothing replaced.
+        """
         if self.fingerprint is not None:
             ns.check_compatible(self.fingerprint)
+        if ns.name in self.deleting:
+            raise SetInUse(f"neuron set {ns.name!r} is being deleted; upload it again once "
+                           "the delete has finished")
+        lock = self._upload_locks.setdefault(ns.name, asyncio.Lock())
+        async with lock:  # one upload of a name at a time, in arrival order
+            self.replacing.add(ns.name)
+            try:
+                await self._drain(ns.name, "replaced")
+                await self._store(ns)
+            finally:
+                self.replacing.discard(ns.name)
+                self.slots.notify()
+        return ns
+
+    async def _store(self, ns: NeuronSet) -> None:
         async with self.slots.lock:
             if ns.name in self.deleting:
                 raise SetInUse(f"neuron set {ns.name!r} is being deleted; upload it again once "
                                "the delete has finished")
             if ns.name in self.slots.last_used:
-                # resident: re-point the name to the new content now (running requests keep
-                # the old content, pinned by hash); if the workers cannot take it, unload the
-                # name instead and let the next request load the new content
+                # resident and idle (drained): re-point the name to the new content; if the
+                # workers cannot take it, unload the name instead and let the next request
+                # load the new content
                 try:
                     await self._call("negablate_load_set", ns.model_dump_json())
                 except WorkerError as exc:
@@ -168,8 +196,20 @@ class SetRegistry:
             if path is not None:
                 ns.save(path)
             self.sets[ns.name] = ns
-        self.slots.notify()
-        return ns
+
+    async def _drain(self, name: str, verb: str) -> None:
+        """Wait until no request holds ``name`` (:attr:`wait_timeout` at most, else
+        :class:`SetInUse`); the caller keeps new requests from taking it meanwhile."""
+        deadline = time.monotonic() + self.wait_timeout
+        while self.in_flight[name]:
+            event = self.slots.change_event  # taken before waiting: no release is missed
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SetInUse(
+                    f"neuron set {name!r} is still used by {self.in_flight[name]} running "
+                    f"request(s) after {self.wait_timeout:g} s; it was not {verb}"
+                )
+            await self.slots.wait_for_change(event, remaining)
 
     def get(self, name: str) -> NeuronSet:
         try:
@@ -206,16 +246,7 @@ class SetRegistry:
         self.deleting.add(name)
         self.slots.notify()  # queued requests for it fail now
         try:
-            deadline = time.monotonic() + self.wait_timeout
-            while self.in_flight[name]:
-                event = self.slots.change_event  # taken before waiting: no release is missed
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise SetInUse(
-                        f"neuron set {name!r} is still used by {self.in_flight[name]} running "
-                        f"request(s) after {self.wait_timeout:g} s; it was not deleted"
-                    )
-                await self.slots.wait_for_change(event, remaining)
+            await self._drain(name, "deleted")
             async with self.slots.lock:
                 if name in self.slots.last_used:
                     await self._call("negablate_unload_set", name)
@@ -265,15 +296,29 @@ class SetRegistry:
 
     # ------------------------------------------------------------ per request
     async def acquire(self, name: str) -> float:
-        """Hold ``name`` for one request: at once if resident, else wait for a slot.
+        """Hold ``name`` for one request: at once if resident, else wait for a slot; a set
+        being replaced is waited for first (the request gets the new content).
 
         Returns the seconds waited; raises :class:`SetNotFound` for an unknown set
         (or one being deleted) and ``SlotWaitTimeout`` after the wait limit.
         """
-        self.get(name)
-        if name in self.deleting:
-            raise SetNotFound(f"neuron set {name!r} is being deleted")
-        return await self.slots.acquire(name, self.wait_timeout)
+        started, waited = time.monotonic(), 0.0
+        while True:
+            self.get(name)
+            if name in self.deleting:
+                raise SetNotFound(f"neuron set {name!r} is being deleted")
+            if name not in self.replacing:
+                break
+            event = self.slots.change_event
+            remaining = started + self.wait_timeout - time.monotonic()
+            if remaining <= 0:
+                raise SlotWaitTimeout(
+                    f"neuron set {name!r} is being replaced and its running requests did not "
+                    f"finish within {self.wait_timeout:g} s; retry later",
+                    retry_after=min(max(self.wait_timeout / 4, 1.0), 30.0))
+            await self.slots.wait_for_change(event, remaining)
+            waited = time.monotonic() - started
+        return waited + await self.slots.acquire(name, max(self.wait_timeout - waited, 0.0))
 
     def release(self, name: str) -> None:
         self.slots.release(name)

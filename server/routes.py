@@ -140,9 +140,10 @@ async def list_sets(reg: SetRegistry = Depends(get_registry)) -> NeuronSetList:
 async def put_set(name: str, neuron_set: NeuronSet, reg: SetRegistry = Depends(get_registry)) -> NeuronSetSummary:
     """Validate the set against the served model and persist it; no free slot needed.
 
-    The set becomes resident on first use. Replacing a resident set re-points it
-    on every worker at once; requests already running keep the content they started
-    with. The name `none` is reserved (it selects no ablation): 422.
+    The set becomes resident on first use. Replacing a set that running requests use
+    waits for them (new requests for it wait behind the upload and get the new content;
+    409 if they run past the wait limit, nothing replaced): a set's content never changes
+    under a request. The name `none` is reserved (it selects no ablation): 422.
     """
     if neuron_set.name != name:
         raise HTTPException(

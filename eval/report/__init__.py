@@ -54,11 +54,11 @@ def _analysis_sections(out: Path, result: dict[str, Any]) -> list[str]:
 def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Path,
                  elapsed_s: float | None = None) -> Path:
     """Collect every number of the run folder ``cfg.out_dir()`` and write its report files."""
-    from eval.run_pack import pack_missing, unpack_missing
+    from eval.tasks import pack_runs, unpack_runs
 
     out = cfg.out_dir()
-    unpack_missing(out, cfg.data_dir)  # a clone: records from the committed packs and the data
-    pack_missing(out)  # runs written before packs existed get their committed form
+    unpack_runs(out, cfg.data_dir)  # a clone: records from the committed packs and the data
+    pack_runs(out)  # runs written before packs existed get their committed form
     data = collect(out, disc, specs, cfg.n_boot, cfg.seed)
     data["matched"] = matched_controls(disc, specs)
     data["head_to_head"] = head_to_head(out, specs, cfg.n_boot, cfg.seed)

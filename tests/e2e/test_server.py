@@ -225,54 +225,97 @@ def test_a_set_replaced_under_its_name_is_scored_afresh_and_never_mixed(served, 
 
 
 def test_soak_default_flips_and_mixed_sets_never_mix(served, client):
-    """Soak: 8 clients score while the default flips every 50 ms.
+    """Soak: 8 clients score while the default flips every 50 ms and set C's content is
+    replaced under its name in a loop.
 
-    Each client alternates requests naming no set, ``none`` (no ablation), A,
-    or B (as BASE@SET or in vllm_xargs). An explicit set, ``none`` included,
-    must give exactly that set's reference whatever the default; a request
-    naming no set must give exactly one of the three references.
+    Each request carries 3 prompts (vLLM admits them one by one, so a control call can
+    land between them) and names no set, ``none`` (no ablation), A, B or C (as BASE@SET
+    or in vllm_xargs). Every prompt of a request must give one and the same reference:
+    exactly the named set's (C: either of its two contents), ``none`` whatever the
+    default, and for a request naming no set one of the three defaults; and no request
+    may fail (a replaced content unloaded under an admitted request answered NaN: 400).
     """
+    server, model_dir, _ = served
     text = random_prompts(1, length=60, seed=8)[0]
+    c_versions = [random_set(model_dir, "C", "negative", seed=s) for s in (41, 42)]
     refs = {name: client.score([text], name)[0].logprobs for name in (None, "A", "B")}  # None: none
-    assert max_diff(refs[None], refs["A"]) > 1e-3 and max_diff(refs["A"], refs["B"]) > 1e-3
+    for k, version in enumerate(c_versions):
+        client.upload_set(version)
+        refs[f"C{k}"] = client.score([text], "C")[0].logprobs
+    keys = list(refs)
+    assert min(max_diff(refs[a], refs[b]) for a in keys for b in keys if a != b) > 1e-3
     counts = {"default->none": 0, "default->A": 0, "default->B": 0, "explicit none": 0,
-              "explicit A": 0, "explicit B": 0}
+              "explicit A": 0, "explicit B": 0, "explicit C0": 0, "explicit C1": 0}
     wrong: list = []
+    errors: list = []
     stop = time.monotonic() + 8.0
     lock = threading.Lock()
 
     def worker(k: int):
-        choices = [SERVER_DEFAULT, "A", None, SERVER_DEFAULT, "B"]
+        choices = [SERVER_DEFAULT, "A", None, "C", SERVER_DEFAULT, "B", "C"]
         i = k
         with NegablateClient(server_url(client), model="tiny") as c:
             while time.monotonic() < stop:
-                wanted = choices[i % 5]
-                row = c.score([text], wanted, use_xargs=bool(i % 3 == 0))[0].logprobs
-                i += 1
-                match = [n for n, ref in refs.items() if max_diff(row, ref) < 1e-5]
+                wanted = choices[i % len(choices)]
+                try:
+                    rows = [r.logprobs for r in c.score([text] * 3, wanted, use_xargs=bool(i % 3 == 0))]
+                except NegablateAPIError as exc:  # e.g. NaN rows from a set unloaded under a request
+                    with lock:
+                        errors.append((wanted, exc.status, exc.message))
+                    continue
+                finally:
+                    i += 1
+                per_prompt = [[n for n, ref in refs.items() if max_diff(row, ref) < 1e-5] for row in rows]
+                match = per_prompt[0] if all(m == per_prompt[0] for m in per_prompt) else None
                 with lock:
-                    if wanted is not SERVER_DEFAULT and match == [wanted]:
+                    if match is None or len(match) != 1:
+                        wrong.append((wanted, per_prompt))
+                    elif wanted == "C" and match[0] in ("C0", "C1"):
+                        counts[f"explicit {match[0]}"] += 1
+                    elif wanted is not SERVER_DEFAULT and match == [wanted]:
                         counts[f"explicit {wanted or 'none'}"] += 1
-                    elif wanted is SERVER_DEFAULT and len(match) == 1:
+                    elif wanted is SERVER_DEFAULT and match[0] in (None, "A", "B"):
                         counts[f"default->{match[0] or 'none'}"] += 1
                     else:
-                        wrong.append((wanted, match))
+                        wrong.append((wanted, per_prompt))
+
+    replaced = 0
+
+    def replacer():
+        nonlocal replaced
+        with NegablateClient(server_url(client), admin_key=ADMIN) as c:
+            while time.monotonic() < stop:
+                try:
+                    c.upload_set(c_versions[replaced % 2])
+                except NegablateAPIError as exc:
+                    with lock:
+                        errors.append(("upload C", exc.status, exc.message))
+                    return
+                replaced += 1
+                time.sleep(0.02)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    threads.append(threading.Thread(target=replacer))
     for t in threads:
         t.start()
     cycle = [None, "A", "B"]
     flips = 0
-    while time.monotonic() < stop:
-        client.set_default(cycle[flips % 3])
-        flips += 1
-        time.sleep(0.05)
-    for t in threads:
-        t.join()
-    client.set_default(None)
-    print(f"soak: {flips} default flips, answers: {counts}, wrong: {len(wrong)}")
+    try:
+        while time.monotonic() < stop:
+            client.set_default(cycle[flips % 3])
+            flips += 1
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+    finally:
+        client.set_default(None)
+        client.delete_set("C")
+    print(f"soak: {flips} default flips, {replaced} replacements of C, answers: {counts}, "
+          f"wrong: {len(wrong)}, errors: {len(errors)}")
+    assert not errors, errors[:5]  # no refusal, no NaN answer under the churn
     assert not wrong, wrong[:5]
-    assert counts["explicit A"] and counts["explicit B"] and counts["explicit none"]
+    assert replaced >= 20
+    assert all(counts[f"explicit {n}"] for n in ("A", "B", "none", "C0", "C1")), counts
     assert sum(1 for k in ("default->none", "default->A", "default->B") if counts[k]) >= 2
 
 

@@ -79,7 +79,8 @@ def test_none_selector_reaches_the_engine_as_none_and_holds_no_slot():
                 assert r.status_code == 200
                 assert r.json()["model"] == "tiny" and r.json()["vllm_xargs"] == {"neuron_set": "none"}
             r = await c.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
-            assert "vllm_xargs" not in r.json()  # naming no set: the engine applies the default
+            # naming no set: the default, resolved (and held) once for all the request's prompts
+            assert r.json()["vllm_xargs"] == {"neuron_set": "a", "neuron_set_hash": reg.content_hash("a")}
             r = await c.post("/v1/completions", json={"model": "tiny@nope", "prompt": "x"})
             assert r.status_code == 404 and "`none`: no ablation" in r.json()["error"]["message"]
         assert dict(reg.in_flight) == {} and reg.slots.wait_stats()["count"] == 1  # set_default("a") only
@@ -109,7 +110,8 @@ def test_a_request_waits_for_a_slot_then_gets_503_with_retry_after():
             engine.release.set()
             assert (await first).status_code == 200
             r = await late
-            assert r.status_code == 200 and r.json()["vllm_xargs"] == {"neuron_set": "b"}
+            assert r.status_code == 200
+            assert r.json()["vllm_xargs"] == {"neuron_set": "b", "neuron_set_hash": reg.content_hash("b")}
         assert reg.resident == ["b"] and dict(reg.in_flight) == {}
 
     asyncio.run(main())
@@ -183,7 +185,7 @@ def test_the_loglikelihood_route_gets_the_set_selection_and_clients_cannot_send_
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://t") as c:
             r = await c.post(PATH, json={"model": "tiny@a", "items": []})
             assert r.status_code == 200 and r.json()["model"] == "tiny"
-            assert r.json()["vllm_xargs"] == {"neuron_set": "a"}
+            assert r.json()["vllm_xargs"] == {"neuron_set": "a", "neuron_set_hash": reg.content_hash("a")}
             r = await c.post(PATH, json={"model": "tiny@nope", "items": []})
             assert r.status_code == 404
             for path in ("/v1/completions", PATH):
@@ -191,5 +193,53 @@ def test_the_loglikelihood_route_gets_the_set_selection_and_clients_cannot_send_
                                              "vllm_xargs": {PROMPT_LOGPROBS_FROM_KEY: 3}})
                 assert r.status_code == 400 and PROMPT_LOGPROBS_FROM_KEY in r.json()["error"]["message"]
         assert dict(reg.in_flight) == {}  # nothing held after a refusal
+
+    asyncio.run(main())
+
+
+def test_a_requests_prompts_get_one_content_while_the_set_is_replaced_or_the_default_moves():
+    """vLLM admits the prompts of one request one by one; whatever control calls land
+    meanwhile, they all expect the content held when the request arrived: the default is
+    resolved once, a replacing upload waits for the request, a later request gets the new
+    content, and a request naming no set while the default is being deleted gets none."""
+    async def main():
+        asgi, engine, reg = make_app(max_resident=2, wait_timeout=2.0)
+        await reg.startup()
+        await reg.put(ns("a"))
+        await reg.put(ns("b", (2,)))
+        await reg.set_default("a")
+        old = reg.content_hash("a")
+        engine.hold = True
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://t") as c:
+            running = asyncio.create_task(c.post("/v1/completions", json={"model": "tiny", "prompt": ["x", "y"]}))
+            await asyncio.sleep(0.05)
+            assert reg.in_flight["a"] == 1
+            await reg.set_default("b")  # the running request keeps a
+            upload = asyncio.create_task(reg.put(ns("a", (3,))))
+            await asyncio.sleep(0.05)
+            assert not upload.done() and reg.content_hash("a") == old  # waits for the request
+            engine.release.set()
+            r = await running
+            assert r.json()["vllm_xargs"] == {"neuron_set": "a", "neuron_set_hash": old}
+            await upload
+            new = reg.content_hash("a")
+            assert new == ns("a", (3,)).content_hash() != old
+            r = await c.post("/v1/completions", json={"model": "tiny@a", "prompt": ["x", "y"]})
+            assert r.json()["vllm_xargs"] == {"neuron_set": "a", "neuron_set_hash": new}
+            r = await c.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
+            assert r.json()["vllm_xargs"] == {"neuron_set": "b", "neuron_set_hash": reg.content_hash("b")}
+            # the default (b) being deleted while a request uses it: a request naming no set gets none
+            engine.hold, engine.release = True, asyncio.Event()
+            using_b = asyncio.create_task(c.post("/v1/completions", json={"model": "tiny@b", "prompt": "x"}))
+            await asyncio.sleep(0.05)
+            deleting = asyncio.create_task(reg.delete("b"))
+            await asyncio.sleep(0.05)
+            engine.hold = False
+            r = await c.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
+            assert r.status_code == 200 and r.json()["vllm_xargs"] == {"neuron_set": "none"}
+            engine.release.set()
+            assert (await using_b).status_code == 200
+            await deleting
+        assert reg.default is None and dict(reg.in_flight) == {}
 
     asyncio.run(main())

@@ -99,17 +99,40 @@ def test_lru_eviction_skips_in_use_and_default_and_reloads_on_demand(engine):
     assert dict(reg.in_flight) == {}
 
 
-def test_replacing_a_resident_set_repoints_the_workers_at_once(engine, tmp_path):
+def test_replacing_a_set_in_use_waits_for_its_requests_and_later_ones_get_the_new_content(engine, tmp_path):
+    """A set's content never changes under a running request (vLLM admits a request's
+    prompts one by one: a re-point in between would mix two contents in one answer)."""
     rt, rpc, _ = engine
-    reg = SetRegistry(rpc, tmp_path, max_resident=2)
-    run(reg.startup())
-    run(reg.put(make_set("a", (1,))))
-    run(reg.acquire("a"))
-    new = make_set("a", (5, 6))
-    run(reg.put(new))
-    assert rt.names["a"] == new.content_hash() and reg.sets["a"] == new
-    assert NeuronSet.load(tmp_path / "a.json") == new
-    reg.release("a")
+
+    async def main():
+        reg = SetRegistry(rpc, tmp_path, max_resident=2, wait_timeout=0.3)
+        await reg.startup()
+        old, new = make_set("a", (1,)), make_set("a", (5, 6))
+        await reg.put(old)
+        await reg.acquire("a")
+        # still in use after the wait limit: SetInUse, nothing replaced anywhere
+        with pytest.raises(SetInUse, match="still used by 1 running request.*it was not replaced"):
+            await reg.put(new)
+        assert rt.names["a"] == old.content_hash() and reg.sets["a"] == old
+        assert NeuronSet.load(tmp_path / "a.json") == old and not reg.replacing
+        # released during the wait: replaced then; a request arriving meanwhile waits for it
+        uploading = asyncio.create_task(reg.put(new))
+        await asyncio.sleep(0.02)
+        assert rt.names["a"] == old.content_hash() and reg.content_hash("a") == old.content_hash()
+        late = asyncio.create_task(reg.acquire("a"))
+        await asyncio.sleep(0.02)
+        assert not late.done() and not uploading.done() and reg.in_flight["a"] == 1
+        reg.release("a")
+        await uploading
+        await late
+        assert rt.names["a"] == new.content_hash() and reg.content_hash("a") == new.content_hash()
+        assert NeuronSet.load(tmp_path / "a.json") == new and reg.in_flight["a"] == 1
+        reg.release("a")
+        # idle and resident: the workers are re-pointed at once
+        await reg.put(old)
+        assert rt.names["a"] == old.content_hash() and dict(reg.in_flight) == {}
+
+    run(main())
 
 
 def test_delete_waits_for_running_requests_and_refuses_new_ones(engine, tmp_path):

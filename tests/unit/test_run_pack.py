@@ -15,7 +15,7 @@ import pytest
 
 from eval import data as D
 from eval.data import load_blimp, load_tse, stratified_subsample
-from eval.run_pack import PACK_FILE, PackError, pack_missing, read_pack, unpack_missing
+from eval.run_pack import PACK_FILE, PackError, read_pack
 from eval.tasks import (
     PairRunSummary,
     PerplexitySummary,
@@ -24,7 +24,9 @@ from eval.tasks import (
     accuracy_rows,
     group_keys_for,
     load_records,
+    pack_runs,
     pair_result,
+    unpack_runs,
     write_pair_run,
     write_ppl_run,
 )
@@ -125,9 +127,9 @@ def test_folder_packed_and_unpacked(tmp_path):
     _write(run, "blimp", _scored(pairs, "sum", seed=5))
     original = (run / "records.jsonl").read_text()
     (run / PACK_FILE).unlink()
-    assert pack_missing(tmp_path) == [run]
-    assert pack_missing(tmp_path) == []  # up to date: nothing to do
+    assert pack_runs(tmp_path) == [run]
+    assert pack_runs(tmp_path) == []  # up to date: nothing to do
     (run / "records.jsonl").unlink()
-    assert unpack_missing(tmp_path, DATA) == [run]
+    assert unpack_runs(tmp_path, DATA) == [run]
     assert (run / "records.jsonl").read_text() == original
-    assert unpack_missing(tmp_path, DATA) == []
+    assert unpack_runs(tmp_path, DATA) == []
