@@ -17,9 +17,13 @@ before vLLM's ``--api-key`` check. It does three things:
   set is an OpenAI-style 404 before anything reaches the engine. ``BASE@none``
   (or ``neuron_set: "none"``) is the reserved "no ablation" selector: it goes
   to the engine as ``neuron_set: "none"``, which wins over the default set.
-  A named set is held for the request (made resident first if it was not,
-  waiting in line for a slot: 503 with ``Retry-After`` only after the wait
-  limit) until the last byte of the response, streamed or not, is sent.
+  A request naming no set gets the server's default, resolved once on arrival.
+  A named (or default) set is held for the request (made resident first if it
+  was not, waiting in line for a slot: 503 with ``Retry-After`` only after the
+  wait limit) until the last byte of the response, streamed or not, is sent, and
+  its content hash goes to the engine with it (``neuron_set_hash``): vLLM admits
+  the prompts of one request one at a time, and each is checked against the
+  content held (a replacing upload waits for the request: :mod:`server.registry`).
   ``vllm_xargs`` keys internal to the server
   (:data:`~vllm_negablate.runtime.PROMPT_LOGPROBS_FROM_KEY`) are refused (400).
 * Everything else passes through untouched.
