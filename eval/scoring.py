@@ -143,6 +143,12 @@ class CompletionsScorer:
         ``timeout`` per request. ``n_retries`` counts the retried completions requests.
     echo_mode:
         ``"auto"`` (``max_tokens: 0``, falling back to 1 if refused), or force one.
+    endpoint:
+        ``"auto"``: ``negablate serve``'s ``/v1/negablate/loglikelihood`` when the server
+        lists it on its base card (``negablate_loglikelihood``), where a sequence's rows
+        shared with the sequence before it in a batch are copied instead of computed
+        (:mod:`eval.continuations`: the second sentence of a minimal pair), else
+        ``/v1/completions``; or force ``"completions"``.
     progress:
         Show a tqdm progress bar (sequences scored).
     transport:
@@ -170,6 +176,7 @@ class CompletionsScorer:
         max_backoff: float = 30.0,
         timeout: float = 600.0,
         echo_mode: EchoMode = "auto",
+        endpoint: Literal["auto", "completions"] = "auto",
         progress: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
         dtype: str | None = None,
@@ -180,6 +187,8 @@ class CompletionsScorer:
             raise ValueError("max_retries must be >= 0")
         if echo_mode not in ("auto", "max_tokens_0", "max_tokens_1"):
             raise ValueError(f"unknown echo_mode {echo_mode!r}")
+        if endpoint not in ("auto", "completions"):
+            raise ValueError(f"unknown endpoint {endpoint!r}")
         self.base_url = normalize_base_url(base_url)
         self.model = model
         self.base_model, model_set = split_model(model)
@@ -236,6 +245,10 @@ class CompletionsScorer:
         self.max_backoff = max_backoff
         self.timeout = timeout
         self.echo_mode: EchoMode = echo_mode
+        self.endpoint = endpoint
+        # the continuation route's path when the server lists it (and the body needs
+        # nothing the route does not take); None: /v1/completions
+        self.loglikelihood_path: str | None = None
         self.progress = progress
         self.transport = transport
         self._echo_lock: asyncio.Lock | None = None
@@ -294,6 +307,7 @@ class CompletionsScorer:
             "server_default": self.server_default,
             "tokenizer": self.tokenizer.describe(),
             "echo_mode": self.echo_mode,
+            "endpoint": self.loglikelihood_path or "/v1/completions",
             "dtype": self.dtype,
             "cache": str(self.cache.path) if self.cache else None,
             "cache_namespace": self.cache_namespace,
@@ -354,6 +368,10 @@ class CompletionsScorer:
                 dtype = card.get("negablate_dtype")
                 if isinstance(dtype, str) and dtype:
                     self.server_dtype = normalize_dtype(dtype)
+                route = card.get("negablate_loglikelihood")
+                if (self.endpoint == "auto" and isinstance(route, str) and route.startswith("/")
+                        and set(self.extra_body) <= {"vllm_xargs"}):
+                    self.loglikelihood_path = route
                 default = card.get("negablate_default")
                 if self.neuron_set is None and isinstance(default, str) and default:
                     self.server_default = default
@@ -448,7 +466,7 @@ class CompletionsScorer:
                     self.n_scored += len(batch)
                     bar.update(len(batch))
 
-                if self.echo_mode == "auto" and batches:
+                if self.echo_mode == "auto" and self.loglikelihood_path is None and batches:
                     # settle max_tokens 0 vs 1 on the first batch, then go concurrent
                     await run(batches[0])
                     batches = batches[1:]
@@ -469,20 +487,64 @@ class CompletionsScorer:
         self.n_retries += 1
         self.n_requests += 1
 
-    def _body(self, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-        extra = self.extra_body
+    def _xargs(self) -> dict[str, Any]:
+        """The ``vllm_xargs`` of every request."""
+        xargs = dict(self.extra_body.get("vllm_xargs") or {})
         if self.set_hash is not None:
             # name the set and the content the run began with: the server refuses the
             # request (409) if the name now holds other neurons, and the default set
             # changed mid-run cannot reach a run that began under another
-            xargs = {**(extra.get("vllm_xargs") or {}), "neuron_set": self.condition,
-                     "neuron_set_hash": self.set_hash}
-            extra = {**extra, "vllm_xargs": xargs}
+            xargs.update(neuron_set=self.condition, neuron_set_hash=self.set_hash)
+        return xargs
+
+    def _body(self, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+        xargs = self._xargs()
+        extra = {**self.extra_body, "vllm_xargs": xargs} if xargs else self.extra_body
         return prompt_logprob_body(self.model, prompts, max_tokens, extra, self.top_logprobs)
+
+    async def _request_continuations(self, client: httpx.AsyncClient,
+                                     prompts: list[list[int]]) -> list[list[float | None]]:
+        """One batch through the continuation route: each prompt's rows shared with the
+        prompt before it are copied (:mod:`eval.continuations`), the rest computed."""
+        from eval.continuations import assemble, plan
+        from server.schemas import LoglikelihoodResponse
+
+        url = self.loglikelihood_path
+        starts = plan(prompts)
+        items = [{"context": p[:st], "continuation": p[st:]} for p, st in zip(prompts, starts, strict=True)
+                 if st is not None]
+        body: dict[str, Any] = {"model": self.model, "items": items}
+        if self._xargs():
+            body["vllm_xargs"] = self._xargs()
+        try:
+            self.n_requests += 1
+            resp = await client.post(url, json=body)
+        except (httpx.TimeoutException, httpx.TransportError) as e:
+            raise ScoringError(f"{self.base_url}{url}: {type(e).__name__}: {e} (gave up after "
+                               f"{self.max_retries + 1} attempts)") from e
+        if resp.status_code != 200:
+            msg = _error_message(resp)
+            hint = (" (a prompt is too long for the server's max_model_len; use shorter windows)"
+                    if resp.status_code == 400 and "max_model_len" in msg else "")
+            raise ServerError(resp.status_code, msg + hint, f"{self.base_url}{url}")
+        try:
+            answer = LoglikelihoodResponse.model_validate_json(resp.content)
+            results = sorted(answer.data, key=lambda r: r.index)
+            if [r.index for r in results] != list(range(len(items))):
+                raise ValueError(f"{len(results)} results for {len(items)} items")
+            out = assemble(prompts, starts, [r.token_logprobs for r in results])
+        except ValueError as e:  # pydantic's ValidationError included
+            raise ScoringError(f"{self.base_url}{url}: unexpected answer: {e}") from e
+        if any(lp is not None and math.isnan(lp) for lps in out for lp in lps):
+            raise ScoringError(f"{self.base_url}{url}: the server answered NaN log-probabilities "
+                               f"(was the neuron set {self.condition!r} replaced or deleted during the run?)")
+        return out
 
     async def _request(self, client: httpx.AsyncClient, prompts: list[list[int]]) -> list[list[float | None]]:
         """One batch; transient failures are retried by the client's transport, so what
         arrives here is final, except the echo-mode fallback (max_tokens 0 refused)."""
+        if self.loglikelihood_path is not None:
+            return await self._request_continuations(client, prompts)
         url = "/v1/completions"
         while True:
             mode = self.echo_mode

@@ -143,6 +143,7 @@ class RunInfo(BaseModel):
     dtype: str | None = None  # what the scores were computed in (the server's word; None: unknown)
     tokenizer: dict[str, Any]
     echo_mode: str
+    endpoint: str | None = None  # where the log-probs came from: /v1/completions or the continuation route
     options: dict[str, Any] = {}
     scoring: dict[str, int] = {}
     elapsed_s: float = 0.0
@@ -278,7 +279,7 @@ def _run_info(scorer: CompletionsScorer, task: TaskName, options: dict[str, Any]
         neuron_set=d["neuron_set"], neuron_set_hash=d["neuron_set_hash"], set_via=d["set_via"],
         server_default=d["server_default"],
         dtype=d["dtype"], tokenizer=d["tokenizer"],
-        echo_mode=d["echo_mode"], options=options, scoring=scorer.stats(),
+        echo_mode=d["echo_mode"], endpoint=d.get("endpoint"), options=options, scoring=scorer.stats(),
         elapsed_s=round(elapsed, 3),
     )
 

@@ -19,6 +19,7 @@ from server.launcher import ensure_worker_slots
 from server.loglikelihood import router as loglikelihood_router
 from server.registry import DEFAULT_WAIT_TIMEOUT, SetRegistry
 from server.routes import router
+from server.schemas import LOGLIKELIHOOD_PATH
 from vllm_negablate import defaults, vllm_adapter
 from vllm_negablate.executors import ExecutorUnavailableError, ray_on_cpu, require_executor_backend
 from vllm_negablate.neuron_set import NO_ABLATION
@@ -44,12 +45,15 @@ def _wrap_model_list(state) -> None:
     score cache by it, so bfloat16 scores never answer for float32. Each ``BASE@SET``
     card gives the set's content hash (``negablate_content_hash``): the harness keys its
     cache by it and sends it with each request, so a set replaced under the same name
-    is never answered from the old content's rows, nor mixed into a run.
+    is never answered from the old content's rows, nor mixed into a run. The base card
+    names the continuation route (``negablate_loglikelihood``): the harness scores
+    through it, copying the rows a minimal pair's sentences share.
     """
     dtype = vllm_adapter.served_dtype(state)
     vllm_adapter.extend_model_list(
         state,
-        base_fields=lambda: {"negablate_default": state.negablate.default, "negablate_dtype": dtype},
+        base_fields=lambda: {"negablate_default": state.negablate.default, "negablate_dtype": dtype,
+                             "negablate_loglikelihood": LOGLIKELIHOOD_PATH},
         variants=lambda: [(NO_ABLATION, {"neuron_set": NO_ABLATION})] + [
             (name, {"neuron_set": name, "negablate_content_hash": state.negablate.content_hash(name)})
             for name in sorted(state.negablate.sets)],

@@ -62,6 +62,8 @@ def _flags(model: Path) -> dict[str, list[str]]:
         "levers": [*m, "--dtype", "float32", "--reps", "1", "--pairs", str(PAIRS), "--batch-sizes", "4,16",
                    "--kv-cache-mb", "64", "--settle", "0.2"],
         "lm_eval_backend": [*m, "--limit", "2", "--reps", "1", "--no-warmup", "--kv-cache-mb", "64"],
+        "pair_endpoints": [*m, "--blimp-per-paradigm", "1", "--tse-per-test", "1", "--reps", "1", "--no-warmup",
+                           "--kv-cache-mb", "64"],
         "discovery_speed": [*m, "--window", "64", "--tokens", "1024", "--tokens-small", "512",
                             "--tokens-large", "1024", "--reps", "1", "--nbins", "64",
                             "--kv-cache-mb", "64"],
@@ -77,6 +79,7 @@ TESTS = {
     "test_discovery_speed": "discovery_speed",
     "test_levers": "levers",
     "test_lm_eval_backend": "lm_eval_backend",
+    "test_pair_endpoints": "pair_endpoints",
 }
 
 
@@ -290,4 +293,31 @@ def test_lm_eval_backend(runs):
     assert 16 < res["n_requests"] < 64
     assert res["max_abs_diff"] < 1e-4 and res["is_greedy_disagreements"] == 0
     m = re.search(rf"ratio local-completions / negablate: {NUM}x", run.stdout)
+    assert m and float(m.group(1)) == pytest.approx(res["ratio"], abs=0.006), run.stdout
+
+
+def test_pair_endpoints(runs):
+    """BLiMP and TSE pairs (one per paradigm and test) through the echo and the route: the
+    same sums and decisions, fewer positions computed by the route, recomputed here from
+    the data with the model's tokenizer; ratio and rates agree with their medians."""
+    from eval.continuations import plan
+    from eval.data import load_blimp, load_tse, stratified_subsample
+    from eval.tokenizers import LocalTokenizer
+
+    run = runs["pair_endpoints"].result()
+    run.check()
+    res = run.result
+    med = res["median_s"]
+    assert set(med) == {"completions", "route"} and all(finite_positive(v) for v in med.values())
+    assert res["ratio"] == pytest.approx(med["completions"] / med["route"])
+    chosen = stratified_subsample(load_blimp(allow_hub=False), 1, 0) + stratified_subsample(load_tse(), 1, 0)
+    assert res["n_pairs"] == len(chosen) == 67 + 22 and res["n_sentences"] == 2 * len(chosen)
+    tok = LocalTokenizer(res["model"])
+    seqs = [[tok.start_token_id, *ids] for ids in tok.encode_batch([t for p in chosen for t in (p.good, p.bad)])]
+    assert res["positions"] == sum(len(s) - 1 for s in seqs)
+    computed = sum(len(s) - st for k in range(0, len(seqs), 64)
+                   for s, st in zip(seqs[k:k + 64], plan(seqs[k:k + 64])) if st is not None)
+    assert res["positions_computed_by_route"] == computed < 0.95 * res["positions"]
+    assert res["max_abs_diff"] < 1e-4 and res["decisions_differing"] == 0
+    m = re.search(rf"ratio completions / route: {NUM}x", run.stdout)
     assert m and float(m.group(1)) == pytest.approx(res["ratio"], abs=0.006), run.stdout

@@ -132,3 +132,33 @@ def test_bad_input_is_refused_and_changes_nothing(served):
     with NegablateClient(server.url, api_key=API) as client, pytest.raises(NegablateAPIError) as err:
         client.loglikelihood([([BOS], [10**6])], SET)
     assert err.value.status == 400
+
+
+@pytest.mark.parametrize("condition", [None, SET])
+def test_the_harness_scores_pairs_through_the_route_as_the_echo_and_the_oracle(served, oracle, condition,
+                                                                             tmp_path, monkeypatch):
+    """The eval scorer takes the route the base card lists: minimal pairs sharing a prefix
+    (the second sentence's shared rows copied from the first) give the echo's rows and the
+    oracle's, every position."""
+    from eval.scoring import CompletionsScorer
+
+    monkeypatch.setenv("OPENAI_API_KEY", API)
+    server, model_dir, ns = served
+    rng = random.Random(7)
+    seqs = []
+    for _ in range(12):  # pairs: a shared prefix of 0-20 tokens after BOS, then different tails
+        prefix = [BOS] + [rng.randrange(4, 500) for _ in range(rng.randrange(0, 20))]
+        seqs += [prefix + [rng.randrange(4, 500) for _ in range(rng.randrange(1, 8))] for _ in range(2)]
+    seqs += [seqs[0][:3], list(seqs[0])]  # a prefix of the sequence before it is copied whole
+    model = f"tiny@{condition or 'none'}"
+    with CompletionsScorer(server.url, model, tokenizer=model_dir, cache=False, progress=False) as sc:
+        routed = sc.score_ids(seqs)
+        assert sc.describe()["endpoint"] == LOGLIKELIHOOD_PATH
+    with CompletionsScorer(server.url, model, tokenizer=model_dir, cache=False, progress=False,
+                           endpoint="completions") as sc:
+        echoed = sc.score_ids(seqs)
+    expected = oracle.batch_prompt_logprobs(seqs, ns if condition else None)
+    for r, e, ref in zip(routed, echoed, expected, strict=True):
+        assert r[0] is None and len(r) == len(ref)
+        assert r[1:] == pytest.approx(e[1:], abs=1e-5)
+        assert r[1:] == pytest.approx(ref[1:], abs=TOL)

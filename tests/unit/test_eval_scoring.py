@@ -111,6 +111,9 @@ class FakeCompletions:
         # negablate serve's content hash of each set, on its BASE@SET card (empty: a server
         # that does not say); the rule then sees "SET#HASH", so other content scores otherwise
         self.hashes: dict[str, str] = {}
+        # negablate serve's continuation route, listed on the base card when set
+        self.route: str | None = None
+        self.route_items: list[dict[str, Any]] = []  # items the route received
 
     def _logprobs(self, ids: list[int], neuron_set: str | None) -> list[float | None]:
         return [None] + [self.rule(ids[i - 1], ids[i], i, neuron_set) for i in range(1, len(ids))]
@@ -127,11 +130,14 @@ class FakeCompletions:
         if method == "GET" and path == "/v1/models":
             return await self._send(send, 200, {"object": "list", "data": [
                 {"id": m, "object": "model", "max_model_len": self.max_model_len,
-                 "negablate_default": self.default, "negablate_dtype": self.dtype} for m in self.models]
+                 "negablate_default": self.default, "negablate_dtype": self.dtype,
+                 **({"negablate_loglikelihood": self.route} if self.route else {})} for m in self.models]
                 + [{"id": f"{m}@{name}", "object": "model", "neuron_set": name,
                     "negablate_content_hash": h} for m in self.models for name, h in self.hashes.items()]})
         if method == "GET" and path == "/health":
             return await self._send(send, 200, {})
+        if method == "POST" and self.route and path == self.route:
+            return await self._loglikelihood(send, json.loads(body))
         if not (method == "POST" and path == "/v1/completions"):
             return await self._send(send, 404, {"error": {"message": "not found"}})
         self.calls += 1
@@ -190,6 +196,21 @@ class FakeCompletions:
         choices.reverse()  # clients must order by index
         await self._send(send, 200, {"id": "cmpl-fake", "object": "text_completion",
                                      "model": model, "choices": choices})
+
+    async def _loglikelihood(self, send, data: dict[str, Any]) -> None:
+        """The continuation route: each item's continuation rows under the chosen set."""
+        model, _, mset = data["model"].partition("@")
+        chosen = mset or (data.get("vllm_xargs") or {}).get("neuron_set") or self.default
+        if chosen in self.hashes:
+            chosen = f"{chosen}#{self.hashes[chosen]}"
+        results = []
+        for i, item in enumerate(data["items"]):
+            self.route_items.append(item)
+            ids = [*item["context"], *item["continuation"]]
+            rows = self._logprobs(ids, None if chosen in (None, "none") else chosen)[len(item["context"]):]
+            results.append({"index": i, "logprob": sum(rows), "is_greedy": False, "token_logprobs": rows})
+        await self._send(send, 200, {"object": "negablate.loglikelihood", "model": model,
+                                     "neuron_set": chosen or "none", "data": results[::-1]})
 
     @staticmethod
     async def _send(send, status: int, obj: Any, headers: list | None = None) -> None:
@@ -899,3 +920,30 @@ def test_no_set_named_under_a_server_default_is_recorded_and_cached_apart(tok_di
     assert plain.server_default is None
     for sc in (implicit, none, explicit, plain):
         sc.close()
+
+
+def test_pairs_through_the_continuation_route_copy_the_shared_prefix_and_equal_the_echo(tok_dir):
+    """A server listing the continuation route: each sentence's rows shared with the
+    sentence before it are not asked for, and every sequence's log-probs equal what the
+    completions echo gives, exactly (the fake's rows depend on the prefix only)."""
+    texts = ["the cat sleeps near the house", "the cat sleep near the house",  # shared: "the cat"
+             "a dog runs", "a dog runs",  # identical: sent once
+             "the dogs are big", "the dogs",  # the second is a prefix of the first: all copied
+             "big houses"]
+    fake = FakeCompletions(content_rule, sets=("wd",))
+    fake.hashes = {"wd": "h1"}
+    with make_scorer(fake, tok_dir, "fake@wd") as echo:
+        ids = echo.encode_batch(texts)
+        want = echo.score_ids(ids)
+        assert echo.describe()["endpoint"] == "/v1/completions"
+    fake.route = "/v1/negablate/loglikelihood"
+    with make_scorer(fake, tok_dir, "fake@wd") as sc:
+        got = sc.score_ids(ids)
+        assert sc.describe()["endpoint"] == "/v1/negablate/loglikelihood"
+    assert got == want
+    starts = [len(item["context"]) for item in fake.route_items]
+    assert starts == [1, 3, 1, 1, 1]  # "the cat" shared; "the dogs" not asked for at all
+    unique = [x for i, x in enumerate(ids) if x not in ids[:i]]
+    assert sum(len(i["continuation"]) for i in fake.route_items) == sum(len(x) - 1 for x in unique) - 2 - 2
+    with make_scorer(fake, tok_dir, "fake@wd", endpoint="completions") as forced:
+        assert forced.score_ids(ids) == want and forced.describe()["endpoint"] == "/v1/completions"
