@@ -101,6 +101,13 @@ def test_a_folder_mid_run(tmp_path, sized):
     assert (layers.state, layers.sequences_left) == ("partly done", (6 + 4 - 2) * 2 * 67 * 3)
     assert layers.detail.endswith("; 2/10 conditions finished")
     assert steps["discovery"].state == "done" and steps["perplexity-matched controls"].state == "done"
+    # a clone: the corpus's record is committed, its text (WikiText-2) is not
+    assert steps["discovery corpus"].state == "pending"
+    corpus = out / "corpus" / f"wikitext-2-valid.{cfg.discovery_text}.txt"
+    corpus.parent.mkdir()
+    corpus.with_suffix(".json").write_text("{}")
+    step = {s.name: s for s in _status(cfg, tmp_path / "data")}["discovery corpus"]
+    assert step.state == "done" and "rebuilt when a phase needs it" in step.detail
     # the rate: sentences the server computed over the seconds, BLiMP and TSE runs of >= 1,000
     assert status.measured_rate(out) == pytest.approx((1340 + 1200) / (20.0 + 40.0))
     lines = status.plan_lines(cfg, list(steps.values()), status.measured_rate(out))
