@@ -514,8 +514,9 @@ class CompletionsScorer:
         items = [{"context": p[:st], "continuation": p[st:]} for p, st in zip(prompts, starts, strict=True)
                  if st is not None]
         body: dict[str, Any] = {"model": self.model, "items": items}
-        if self._xargs():
-            body["vllm_xargs"] = self._xargs()
+        xargs = self._xargs()
+        if xargs:
+            body["vllm_xargs"] = xargs
         try:
             self.n_requests += 1
             resp = await client.post(url, json=body)
@@ -535,10 +536,7 @@ class CompletionsScorer:
             out = assemble(prompts, starts, [r.token_logprobs for r in results])
         except ValueError as e:  # pydantic's ValidationError included
             raise ScoringError(f"{self.base_url}{url}: unexpected answer: {e}") from e
-        if any(lp is not None and math.isnan(lp) for lps in out for lp in lps):
-            raise ScoringError(f"{self.base_url}{url}: the server answered NaN log-probabilities "
-                               f"(was the neuron set {self.condition!r} replaced or deleted during the run?)")
-        return out
+        return self._refuse_nan(out, url)
 
     async def _request(self, client: httpx.AsyncClient, prompts: list[list[int]]) -> list[list[float | None]]:
         """One batch; transient failures are retried by the client's transport, so what
@@ -590,12 +588,15 @@ class CompletionsScorer:
             out = [p.logprobs for p in parse_prompt_logprobs(data, prompts, max_tokens)]
         except CompletionsFormatError as e:
             raise ScoringError(f"{self.base_url}/v1/completions: {e}") from e
+        return self._refuse_nan(out, "/v1/completions")
+
+    def _refuse_nan(self, out: list[list[float | None]], url: str) -> list[list[float | None]]:
+        """``out``, unless a row is NaN: what the engine computes when a request's set
+        vanished between the server's check and the engine (see
+        vllm_negablate.vllm_adapter.patch_engine_core): never a score, never cached."""
         if any(lp is not None and math.isnan(lp) for lps in out for lp in lps):
-            # what the engine computes when a request's set vanished between the server's
-            # check and the engine (see vllm_negablate.vllm_adapter.patch_engine_core):
-            # never a score, never cached
             raise ScoringError(
-                f"{self.base_url}/v1/completions: the server answered NaN log-probabilities "
+                f"{self.base_url}{url}: the server answered NaN log-probabilities "
                 f"(was the neuron set {self.condition!r} replaced or deleted during the run?)")
         return out
 
