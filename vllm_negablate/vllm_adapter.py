@@ -679,9 +679,13 @@ def install_cpu_norm_kernel() -> None:
     ``negablate_cpu``, first in the CPU platform's default priority (a user's
     ``--ir-op-priority`` still comes first). Measured: [8192 x 576] bf16 add+norm
     8 ms -> under 1 ms alone; end to end SmolLM2-135M scoring x1.07 in float32, level
-    in bf16 (``bench/levers.py``). Outputs equal to 1 bf16 ulp (float32: 3e-6); the
-    bf16 residual sum is rounded differently, which moves bf16 sentence sums by up to
-    1 nat (bf16's own error against float32 is 1.7).
+    in bf16 (``bench/levers.py``). Outputs equal to 1 bf16 ulp (float32: 3e-6).
+
+    bfloat16 only where the CPU has AVX512-BF16: vLLM loads ``_C`` there, whose float32
+    -> bf16 stores round to nearest like PyTorch; its ``_C_AVX2`` / ``_C_AVX512`` builds
+    (CPUs without it) *truncate*, which left the residual stream's sums 1 ulp short of
+    PyTorch's in about a quarter of elements, all toward zero (a bias, not noise; seen
+    on an AVX2 EPYC). There the provider declines bf16 and PyTorch's norm runs.
     """
     if not is_cpu_platform():
         return
@@ -694,10 +698,13 @@ def install_cpu_norm_kernel() -> None:
         logger.warning("vllm_negablate: this vLLM CPU build has no C++ RMSNorm; keeping PyTorch's")
         return
 
+    rounds_bf16 = bool(torch.cpu._is_avx512_bf16_supported())
+
     def kernel_takes(x, weight, epsilon, variance_size=None) -> bool:
-        # what csrc/cpu/layernorm.cpp handles: a weight of x's dtype, contiguous rows
+        # what csrc/cpu/layernorm.cpp handles: a weight of x's dtype, contiguous rows;
+        # bf16 only where the loaded build rounds its bf16 stores (see above)
         return (variance_size is None and weight is not None and weight.dtype == x.dtype
-                and x.is_contiguous())
+                and x.is_contiguous() and (x.dtype != torch.bfloat16 or rounds_bf16))
 
     def rms_norm(x, weight, epsilon, variance_size=None):
         out = torch.empty_like(x)

@@ -1,7 +1,8 @@
 """What an engine a test started must not leave behind: processes and /dev/shm segments.
 
-vLLM's workers share memory through ``/dev/shm``: the CPU communicator's
-``*-cpushm_N`` (4 MiB each) and the message queues' ``psm_*`` (up to 240 MiB).
+vLLM's workers share memory through ``/dev/shm``: the message queues' ``psm_*`` (up
+to 240 MiB) and, where the loaded CPU build has it (``_C`` and ``_C_AVX512``, not
+``_C_AVX2``), the CPU communicator's ``*-cpushm_N`` (4 MiB each).
 Workers unlink them when they exit normally; killed workers cannot. Every Ray run
 kills its workers (``RayExecutorV2.shutdown`` ``ray.kill``s its actors), and so does
 an ``mp`` run whose engine core misses its 5 s shutdown grace on a loaded machine.
@@ -64,7 +65,7 @@ class Leftovers:
 
     def check(self, seconds: float = 60.0) -> None:
         assert self.processes, "record() saw no process: the check would prove nothing"
-        assert any("cpushm" in n for n in self.segments), (
+        assert any("cpushm" in n or n.startswith("psm_") for n in self.segments), (
             f"record() saw none of the workers' segments: the clean-up would prove nothing ({self.segments})")
         deadline = time.monotonic() + seconds
         while (alive := self._alive()) and time.monotonic() < deadline:
