@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vllm_negablate.neuron_set import ModelFingerprint
+from vllm_negablate.paths import wikitext
 
 TinyKind = Literal["gpt_neox", "llama", "gemma3"]
 KINDS: tuple[str, ...] = ("gpt_neox", "llama", "gemma3")
@@ -61,7 +62,6 @@ GEMMA3_ROPE_LOCAL = 10_000.0
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 
-WIKITEXT_VALID = Path("/work/shared/data/wikitext-2/valid.txt")
 TRAIN_TEXT_BYTES = 200_000
 
 _FALLBACK_TEXT = """\
@@ -103,15 +103,17 @@ def fingerprint_of(model_dir: str | Path) -> ModelFingerprint:
 def wikitext_head(lines: int, fallback_repeats: int = 20) -> str:
     """The first ``lines`` lines of WikiText-2's validation text: a discovery corpus for
     tests; without the shared data folder, the built-in fallback text repeated."""
-    if not WIKITEXT_VALID.is_file():
+    valid = wikitext("valid")
+    if not valid.is_file():
         return _FALLBACK_TEXT * fallback_repeats
-    with WIKITEXT_VALID.open(encoding="utf-8") as f:
+    with valid.open(encoding="utf-8") as f:
         return "".join(f.readline() for _ in range(lines))
 
 
 def _training_text() -> str:
-    if WIKITEXT_VALID.is_file():
-        with WIKITEXT_VALID.open("rb") as f:
+    valid = wikitext("valid")  # the data folder's (settings), wherever the checkout is
+    if valid.is_file():
+        with valid.open("rb") as f:
             text = f.read(TRAIN_TEXT_BYTES).decode("utf-8", errors="ignore")
         if text.strip():
             return text
