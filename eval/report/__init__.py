@@ -27,7 +27,7 @@ from eval.report.tables import (
 )
 from eval.reproduce_config import BASELINE, ConditionSpec
 
-__all__ = ["rebuild", "write_report"]
+__all__ = ["ReportWouldLoseResults", "finished_results", "rebuild", "write_report"]
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -51,16 +51,48 @@ def _analysis_sections(out: Path, result: dict[str, Any]) -> list[str]:
     return sections
 
 
+class ReportWouldLoseResults(RuntimeError):
+    """The folder's report.json holds results that its run folders no longer do."""
+
+
+def finished_results(data: dict[str, Any]) -> set[tuple[str, str]]:
+    """``(condition, blimp_acc | tse_acc | ppl)`` for every number a report holds."""
+    return {(row["condition"], key) for row in [*data.get("rows", []), *data.get("sweep", [])]
+            for key in ("blimp_acc", "tse_acc", "ppl") if row.get(key) is not None}
+
+
+def _refuse_losing_results(out: Path, data: dict[str, Any]) -> None:
+    """A report is rebuilt from the run folders; where they hold less than the report
+    already shows (a clone of a folder whose runs were never committed, a deleted run),
+    writing would silently replace published numbers with "pending". Refuse instead."""
+    old = _json(out / "report.json")
+    lost = finished_results(old) - finished_results(data)
+    if lost:
+        conditions = sorted({c for c, _ in lost})
+        raise ReportWouldLoseResults(
+            f"{out}: report.json has {len(lost)} result{'s' * (len(lost) != 1)} (of {len(conditions)} "
+            f"condition{'s' * (len(conditions) != 1)}: "
+            f"{', '.join(conditions[:4])}{', ...' if len(conditions) > 4 else ''}) that the run folders "
+            f"(runs*/<condition>/<task>/) no longer hold, so rebuilding would drop them. Nothing was "
+            f"written. Restore the runs, or remove report.json to rebuild from what is there.")
+
+
 def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Path,
-                 elapsed_s: float | None = None) -> Path:
-    """Collect every number of the run folder ``cfg.out_dir()`` and write its report files."""
+                 elapsed_s: float | None = None, keep_published: bool = False) -> Path:
+    """Collect every number of the run folder ``cfg.out_dir()`` and write its report files.
+
+    ``keep_published``: raise :class:`ReportWouldLoseResults`, writing nothing, when the
+    folder's report.json shows results its run folders do not hold (a rebuild; a running
+    ``negablate reproduce`` re-scores a changed set, and its report drops the old numbers)."""
     from eval.tasks import pack_runs, unpack_runs
 
     out = cfg.out_dir()
     unpack_runs(out, cfg.data_dir)  # a clone: records from the committed packs and the data
     pack_runs(out)  # runs written before packs existed get their committed form
     data = collect(out, disc, specs, cfg.n_boot, cfg.seed)
-    data["matched"] = matched_controls(disc, specs)
+    if keep_published:
+        _refuse_losing_results(out, data)
+    data["matched"] = matched_controls(disc, specs, out / "runs")
     data["head_to_head"] = head_to_head(out, specs, cfg.n_boot, cfg.seed)
     data["draws_pooled"] = pooled_draws(out, specs, cfg.n_boot, cfg.seed)
     data["premise"] = premise_statistics(disc, cfg.main_top)
@@ -101,7 +133,8 @@ def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Pa
 
 def rebuild(folder: Path) -> Path:
     """Write the report of a reproduce folder from its files, finished or not (``python -m
-    eval.report docs/results/smollm2-135m``): what is scored so far, the rest listed as pending."""
+    eval.report docs/results/smollm2-135m``): what is scored so far, the rest listed as pending.
+    Refuses (:class:`ReportWouldLoseResults`) to drop results the old report.json shows."""
     from eval.reproduce_config import ReproduceConfig, condition_sets
     from vllm_negablate.models.fetch import fetched_path
 
@@ -114,4 +147,5 @@ def rebuild(folder: Path) -> Path:
         except KeyError:  # neither a folder nor an embedded name (UnknownModelError; a folder since removed)
             pass
     elapsed = _json(folder / "timing.json").get("total_s")  # the run's wall time so far
-    return write_report(config, folder / "discovery", condition_sets(config), model_dir, elapsed_s=elapsed)
+    return write_report(config, folder / "discovery", condition_sets(config), model_dir, elapsed_s=elapsed,
+                        keep_published=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from eval.report import rebuild
+from eval.report import ReportWouldLoseResults, rebuild
 from eval.report.markdown import SECTIONS
 
 
@@ -28,7 +28,11 @@ def main(
         return
     if not (folder / "config.json").is_file():
         raise typer.BadParameter(f"{folder} has no config.json: not a `negablate reproduce` folder")
-    print(rebuild(folder))
+    try:
+        print(rebuild(folder))
+    except ReportWouldLoseResults as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

@@ -259,17 +259,51 @@ def premise_statistics(disc: Path, top: float) -> list[dict[str, Any]]:
     return rows
 
 
-def matched_controls(disc: Path, specs: list[ConditionSpec]) -> list[dict[str, Any]]:
+def matched_controls(disc: Path, specs: list[ConditionSpec], runs: Path | None = None) -> list[dict[str, Any]]:
     """How close each perplexity-matched control came to its target, from its set's
-    provenance (the search records its target, result, tolerance and whether it converged)."""
+    provenance (the search records its target, result, tolerance and whether it converged),
+    and whether the match still holds on the report's own perplexity text.
+
+    The search matches on its own text (``eval_corpus``); the main table's perplexity is
+    measured on other text, in other windows. A control that is matched on the first but
+    not on the second is not a perplexity-matched control for the table's purposes, so the
+    check is made on the table's numbers, with the search's own tolerance: in log-perplexity
+    effect (``tolerance_effect`` of the Wasserstein set's own effect) or, without it, as a
+    relative tolerance on the perplexity. Absent while a run's perplexity is not scored.
+    """
+    wasserstein = {s.top: s.label for s in specs if s.kind == "wasserstein-negative"}
     out = []
     for spec in specs:
         path = disc / "sets" / f"{spec.set_name}.json"
         if not spec.set_name or not spec.set_name.startswith("perplexity-matched") or not path.exists():
             continue
         src = json.loads(path.read_text()).get("provenance", {}).get("source", {})
-        if "target_perplexity" in src:
-            out.append({"condition": spec.label, **{k: src.get(k) for k in (
-                "perplexity", "target_perplexity", "baseline_perplexity", "eval_tokens", "tolerance",
-                "tolerance_effect", "converged", "iterations")}})
+        if "target_perplexity" not in src:
+            continue
+        entry = {"condition": spec.label, **{k: src.get(k) for k in (
+            "perplexity", "target_perplexity", "baseline_perplexity", "eval_tokens", "tolerance",
+            "tolerance_effect", "converged", "iterations")}}
+        entry["search_corpus"] = Path(src["eval_corpus"]).name if src.get("eval_corpus") else None
+        if runs is not None and spec.top in wasserstein:
+            entry |= evaluation_text_match(runs, spec.label, wasserstein[spec.top],
+                                           src.get("tolerance_effect"), src.get("tolerance"))
+        out.append(entry)
     return out
+
+
+def evaluation_text_match(runs: Path, control: str, wasserstein: str, tolerance_effect: float | None,
+                          tolerance: float | None) -> dict[str, Any]:
+    """The control's and the Wasserstein set's perplexity ratios on the main table's text,
+    and whether they agree within the search's tolerance (empty until both are scored)."""
+    done = [(runs / label / "perplexity" / "summary.json").is_file() for label in (BASELINE, control, wasserstein)]
+    if not all(done):
+        return {}
+    ratio_c, ratio_w = (_ppl_cells(runs, label)["ppl_ratio"] for label in (control, wasserstein))
+    if tolerance_effect is not None:
+        holds = abs(np.log(ratio_c) - np.log(ratio_w)) <= tolerance_effect * abs(np.log(ratio_w))
+    elif tolerance is not None:
+        holds = abs(ratio_c / ratio_w - 1) <= tolerance
+    else:
+        holds = None
+    return {"eval_ppl_ratio": ratio_c, "target_eval_ppl_ratio": ratio_w,
+            "holds_on_eval_text": None if holds is None else bool(holds)}

@@ -91,10 +91,22 @@ def matched_note(matched: list[dict[str, Any]]) -> list[str]:
             f"{m['target_perplexity']:.2f} ({m['perplexity'] / m['target_perplexity'] - 1:+.2%})"
             + (f" (unablated {base:.2f})" if base else "")
             + f" on {m.get('eval_tokens') or '?'} held-out tokens"
+            + (f" of `{m['search_corpus']}`" if m.get("search_corpus") else "")
             + (f", tolerance {tol:.2%}" if tol is not None else "")
             + (f" ({m['tolerance_effect']:g} of the set's effect)" if m.get("tolerance_effect") else "")
-            + f", {state}, after {m.get('iterations') or '?'} evaluations.")
+            + f", {state}, after {m.get('iterations') or '?'} evaluations"
+            + _eval_text_clause(m) + ".")
     return ["", *lines] if lines else []
+
+
+def _eval_text_clause(m: dict[str, Any]) -> str:
+    """Whether the match carries over to the main table's perplexity text."""
+    if m.get("eval_ppl_ratio") is None:
+        return ""
+    verdict = {True: "the match holds there", False: "**the match does not hold there** (compare with care)",
+               None: "no tolerance recorded"}[m.get("holds_on_eval_text")]
+    return (f"; on the main table's perplexity text x{m['eval_ppl_ratio']:.3f} against the Wasserstein "
+            f"set's x{m['target_eval_ppl_ratio']:.3f}: {verdict}")
 
 
 def sweep_table(sweep: list[dict[str, Any]]) -> list[str]:

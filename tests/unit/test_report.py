@@ -312,3 +312,68 @@ def test_the_cost_chart_needs_two_conditions_with_perplexity(tmp_path):
     assert plot_cost_against_perplexity([row], [first_draw], tmp_path / "b.png") is None  # the sweep has it
     path = plot_cost_against_perplexity([row], [{**first_draw, "draw": 1, "seed": 1}], tmp_path / "c.png")
     assert path == tmp_path / "c.png" and path.stat().st_size > 1000
+
+
+def _matched_set(disc: Path, name: str, tolerance_effect: float | None, tolerance: float | None) -> None:
+    """A perplexity-matched set whose search met its target on its own text."""
+    entries = [{"layer": 0, "neurons": [0, 1, 2, 3], "mode": "negative"}]
+    source = {"target_perplexity": 22.0, "perplexity": 22.1, "baseline_perplexity": 20.0, "eval_tokens": 512,
+              "tolerance": tolerance, "tolerance_effect": tolerance_effect, "converged": True, "iterations": 3,
+              "eval_corpus": "/somewhere/wikitext-2/test.txt"}
+    (disc / "sets" / f"{name}.json").write_text(json.dumps({"entries": entries, "provenance": {"source": source}}))
+
+
+@pytest.mark.parametrize(("nll", "tolerance_effect", "tolerance", "holds"), [
+    (3.105, 0.1, None, True),    # log effects 0.105 vs 0.1: within 0.1 of the Wasserstein set's 0.1
+    (3.2, 0.1, None, False),     # 0.2 vs 0.1
+    (3.2, None, 0.2, True),      # relative: exp(0.1) - 1 = 0.105 <= 0.2
+    (3.2, None, 0.05, False),
+])
+def test_a_matched_control_is_checked_on_the_main_tables_perplexity_text(folder, tmp_path, nll, tolerance_effect,
+                                                                        tolerance, holds):
+    cfg, disc, _ = folder
+    _matched_set(disc, "perplexity-matched-top1-s0", tolerance_effect, tolerance)
+    _ppl(tmp_path / "runs" / "perplexity-matched-negative-top1" / "perplexity", nll)
+    write_report(cfg, disc, condition_sets(cfg), tmp_path / "no-model")
+    (m,) = json.loads((tmp_path / "report.json").read_text())["matched"]
+    # baseline nll 3.0, Wasserstein 3.1 (the fixture): ratios exp(0.1) and exp(nll - 3)
+    assert m["target_eval_ppl_ratio"] == pytest.approx(math.exp(0.1))
+    assert m["eval_ppl_ratio"] == pytest.approx(math.exp(nll - 3.0))
+    assert m["holds_on_eval_text"] is holds and m["search_corpus"] == "test.txt"
+    text = (tmp_path / "REPORT.md").read_text()
+    assert f"x{math.exp(nll - 3.0):.3f} against the Wasserstein set's x{math.exp(0.1):.3f}" in text
+    assert ("**the match does not hold there**" in text) is (not holds)
+
+
+def test_a_matched_control_without_perplexity_yet_has_no_check(folder, tmp_path):
+    cfg, disc, _ = folder
+    _matched_set(disc, "perplexity-matched-top1-s0", 0.1, None)
+    write_report(cfg, disc, condition_sets(cfg), tmp_path / "no-model")
+    (m,) = json.loads((tmp_path / "report.json").read_text())["matched"]
+    assert m["perplexity"] == 22.1 and "holds_on_eval_text" not in m
+
+
+def test_a_rebuild_never_drops_published_results(folder, tmp_path, capsys):
+    """A folder whose runs are gone (a clone of a folder whose runs were never committed)
+    keeps its report: the rebuild refuses, with the reason, and writes nothing."""
+    import shutil
+
+    from eval.report import ReportWouldLoseResults, finished_results, rebuild
+
+    cfg, disc, _ = folder
+    write_report(cfg, disc, condition_sets(cfg), tmp_path / "no-model")
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert len(finished_results(json.loads((tmp_path / "report.json").read_text()))) == 2 * 3  # 2 conditions x 3
+    shutil.rmtree(tmp_path / "runs" / "wasserstein-negative-top1" / "tse")
+    with pytest.raises(ReportWouldLoseResults, match=r"1 result \(of 1 condition: wasserstein-negative-top1\)"):
+        rebuild(tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    import typer
+
+    with pytest.raises(typer.Exit) as exit_info:  # the command line: exit 2, the reason on stderr
+        report_main(tmp_path, None)
+    assert exit_info.value.exit_code == 2 and "no longer hold" in capsys.readouterr().err
+    (tmp_path / "report.json").unlink()  # what the message says to do: rebuild from what is there
+    rebuild(tmp_path)
+    assert ("wasserstein-negative-top1", "tse_acc") not in finished_results(
+        json.loads((tmp_path / "report.json").read_text()))
