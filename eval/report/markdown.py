@@ -103,8 +103,19 @@ def _eval_text_clause(m: dict[str, Any]) -> str:
     """Whether the match carries over to the main table's perplexity text."""
     if m.get("eval_ppl_ratio") is None:
         return ""
-    verdict = {True: "the match holds there", False: "**the match does not hold there** (compare with care)",
-               None: "no tolerance recorded"}[m.get("holds_on_eval_text")]
+    holds = m.get("holds_on_eval_text")
+    if holds is None:
+        verdict = "no tolerance recorded"
+    elif holds:
+        verdict = "the match holds there"
+    elif m["eval_ppl_ratio"] > m["target_eval_ppl_ratio"]:
+        # Which way it misses decides how to read the head to head: a control that costs more
+        # perplexity may hurt grammar more for that reason alone; one that costs less cannot.
+        verdict = ("**the match does not hold there**: the control costs more perplexity, so part of a "
+                   "larger grammatical cost may be perplexity")
+    else:
+        verdict = ("**the match does not hold there**: the control costs less perplexity, so a larger "
+                   "grammatical cost is not a perplexity effect")
     return (f"; on the main table's perplexity text x{m['eval_ppl_ratio']:.3f} against the Wasserstein "
             f"set's x{m['target_eval_ppl_ratio']:.3f}: {verdict}")
 

@@ -326,6 +326,7 @@ def _matched_set(disc: Path, name: str, tolerance_effect: float | None, toleranc
 @pytest.mark.parametrize(("nll", "tolerance_effect", "tolerance", "holds"), [
     (3.105, 0.1, None, True),    # log effects 0.105 vs 0.1: within 0.1 of the Wasserstein set's 0.1
     (3.2, 0.1, None, False),     # 0.2 vs 0.1
+    (3.05, 0.1, None, False),    # 0.05 vs 0.1: misses on the cheap side
     (3.2, None, 0.2, True),      # relative: exp(0.1) - 1 = 0.105 <= 0.2
     (3.2, None, 0.05, False),
 ])
@@ -343,6 +344,8 @@ def test_a_matched_control_is_checked_on_the_main_tables_perplexity_text(folder,
     text = (tmp_path / "REPORT.md").read_text()
     assert f"x{math.exp(nll - 3.0):.3f} against the Wasserstein set's x{math.exp(0.1):.3f}" in text
     assert ("**the match does not hold there**" in text) is (not holds)
+    assert ("the control costs more perplexity" in text) is (not holds and nll > 3.1)
+    assert ("the control costs less perplexity" in text) is (not holds and nll < 3.1)
 
 
 def test_a_matched_control_without_perplexity_yet_has_no_check(folder, tmp_path):
