@@ -1,5 +1,5 @@
 """``python -m eval.report FOLDER``: rebuild a reproduce folder's report from its files;
-``--print main|head-to-head|draws|draws-pooled|draws-groups|sweep|tse-fields|premise``: print that table from its report.json instead
+``--print main|head-to-head|draws|draws-pooled|draws-groups|sweep|tse-fields|premise|lm-tasks``: print that table from its report.json instead
 (Markdown, as in REPORT.md: the README's tables are pasted from here)."""
 
 from __future__ import annotations

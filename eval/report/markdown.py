@@ -335,14 +335,58 @@ def render(cfg: Any, data: dict[str, Any], head: list[str], figures: dict[str, A
     return "\n".join(lines) + "\n"
 
 
+def _lm_column(label: str) -> str:
+    """A condition's lm_eval label (``wasserstein-top1``, ``perplexity-matched-bottom-top1``,
+    ``perplexity-matched-top1-s0``) as the README's column name."""
+    if label == "baseline":
+        return "baseline"
+    if label.startswith("wasserstein"):
+        return "Wasserstein-negative"
+    if label.startswith("perplexity-matched-bottom"):
+        return "bottom perplexity-matched"
+    if label.startswith("perplexity-matched"):
+        return "random perplexity-matched"
+    return label
+
+
+def lm_tasks_table(lm_tasks: dict[str, Any] | None) -> list[str]:
+    """The double dissociation in one compact table: per task its headline metrics (accuracy;
+    LAMBADA's perplexity too), the baseline's value, every other condition's delta ± the
+    paired standard error (accuracies in %, deltas in points). REPORT.md's lm_eval section
+    has every metric with the conditions' values; this is the view the README pastes."""
+    if not lm_tasks or not lm_tasks.get("rows"):
+        return []
+    labels = [c["label"] for c in lm_tasks["conditions"]]
+    cell = {(r["task"], r["metric"], r["condition"]): r for r in lm_tasks["rows"] if r["filter"] == "none"}
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in lm_tasks["rows"]
+                              if r["filter"] == "none" and r["metric"] in ("acc", "perplexity")))
+    lines = ["| task | metric | " + " | ".join(_lm_column(label) for label in labels) + " |",
+             "|---|---|" + "---:|" * len(labels)]
+    for task, metric in keys:
+        scale = 100.0 if metric == "acc" else 1.0
+        cells = []
+        for label in labels:
+            r = cell.get((task, metric, label))
+            if r is None or r.get("value") is None:
+                cells.append("-")
+            elif r.get("delta") is None:
+                cells.append(f"{r['value'] * scale:.1f}")
+            else:
+                se = f" ± {r['delta_stderr'] * scale:.1f}" if r.get("delta_stderr") is not None else ""
+                cells.append(f"{r['delta'] * scale:+.1f}{se}")
+        lines.append(f"| {task.removesuffix('_local')} | {metric} | " + " | ".join(cells) + " |")
+    return lines
+
+
 SECTIONS = {"main": lambda data: main_table(data["rows"]), "sweep": lambda data: sweep_table(data["sweep"]),
             "tse-fields": lambda data: tse_field_table(data["tse_by_field"]),
             "premise": lambda data: premise_table(data.get("premise", [])),
             "head-to-head": lambda data: head_to_head_table(data.get("head_to_head", [])),
             "draws": lambda data: draws_table(data.get("draws", []), data.get("head_to_head", [])),
             "draws-pooled": lambda data: draws_pooled(data.get("draws_pooled", []))[3:],
-            "draws-groups": lambda data: draws_groups_table(data.get("draws_pooled", []))}
+            "draws-groups": lambda data: draws_groups_table(data.get("draws_pooled", [])),
+            "lm-tasks": lambda data: lm_tasks_table(data.get("lm_tasks"))}
 """Tables ``python -m eval.report FOLDER --print NAME`` prints from a report.json (for the README)."""
 
-__all__ = ["SECTIONS", "draws_groups_table", "draws_pooled", "draws_summary", "draws_table", "fmt_ci", "head_to_head_table", "header", "main_table", "matched_note", "premise_table", "render",
+__all__ = ["SECTIONS", "draws_groups_table", "draws_pooled", "draws_summary", "draws_table", "fmt_ci", "head_to_head_table", "header", "lm_tasks_table", "main_table", "matched_note", "premise_table", "render",
            "sweep_table", "tse_field_table"]

@@ -380,3 +380,27 @@ def test_a_rebuild_never_drops_published_results(folder, tmp_path, capsys):
     rebuild(tmp_path)
     assert ("wasserstein-negative-top1", "tse_acc") not in finished_results(
         json.loads((tmp_path / "report.json").read_text()))
+
+
+def test_the_lm_tasks_view_shows_baseline_values_and_paired_deltas_in_points():
+    from eval.report.markdown import SECTIONS
+
+    def row(task, metric, condition, value, delta=None, se=None, filt="none"):
+        return {"task": task, "metric": metric, "filter": filt, "condition": condition, "value": value,
+                "delta": delta, "delta_stderr": se}
+
+    lm = {"conditions": [{"label": "baseline"}, {"label": "wasserstein-top1"},
+                         {"label": "perplexity-matched-top1-s0"}, {"label": "perplexity-matched-bottom-top1"}],
+          "rows": [row("piqa_local", "acc", "baseline", 0.65), row("piqa_local", "acc_norm", "baseline", 0.66),
+                   row("piqa_local", "acc", "wasserstein-top1", 0.643, -0.007, 0.0131),
+                   row("piqa_local", "acc", "perplexity-matched-bottom-top1", 0.63, -0.02, 0.012),
+                   row("lambada_openai_local", "perplexity", "baseline", 43.71),
+                   row("lambada_openai_local", "perplexity", "wasserstein-top1", 66.26, 22.547, 4.14),
+                   row("lambada_openai_local", "acc", "baseline", 0.3, filt="strict")]}
+    assert SECTIONS["lm-tasks"]({"lm_tasks": lm}) == [
+        "| task | metric | baseline | Wasserstein-negative | random perplexity-matched | bottom perplexity-matched |",
+        "|---|---|---:|---:|---:|---:|",
+        "| piqa | acc | 65.0 | -0.7 ± 1.3 | - | -2.0 ± 1.2 |",  # acc_norm left to REPORT.md
+        "| lambada_openai | perplexity | 43.7 | +22.5 ± 4.1 | - | - |",  # a filtered metric is not shown
+    ]
+    assert SECTIONS["lm-tasks"]({}) == []  # a report from before lm_eval ran
