@@ -23,6 +23,7 @@ from eval.report.tables import (
     PREMISE_COLUMNS,
     TSE_FIELD_COLUMNS,
     group_rows,
+    read_premise_csv,
     write_csv,
 )
 from eval.reproduce_config import BASELINE, ConditionSpec
@@ -49,6 +50,12 @@ def _analysis_sections(out: Path, result: dict[str, Any]) -> list[str]:
         sections.append(layers.markdown_section(layers.load_result(out / "layers" / "layers.json"),
                                                 image="layers/layers.png"))
     return sections
+
+
+def _kept(figure: Path) -> Path | None:
+    """A figure drawn from ``discovery/stats.npz`` by an earlier build, kept (and embedded)
+    where a clone has no stats.npz to redraw it from: discovery is done once per folder."""
+    return figure if figure.is_file() else None
 
 
 class ReportWouldLoseResults(RuntimeError):
@@ -95,7 +102,8 @@ def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Pa
     data["matched"] = matched_controls(disc, specs, out / "runs")
     data["head_to_head"] = head_to_head(out, specs, cfg.n_boot, cfg.seed)
     data["draws_pooled"] = pooled_draws(out, specs, cfg.n_boot, cfg.seed)
-    data["premise"] = premise_statistics(disc, cfg.main_top)
+    # discovery/stats.npz is not committed: a clone keeps the premise its report published
+    data["premise"] = premise_statistics(disc, cfg.main_top) or read_premise_csv(out / "premise.csv")
     discovery = _json(disc / "stats.json")
     model_meta = _json(model_dir / "negablate_model.json")
     corpus = _json(out / "corpus" / f"wikitext-2-valid.{cfg.discovery_text}.json")
@@ -103,7 +111,7 @@ def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Pa
         "phenomena": figures.plot_phenomena(data["phenomena"], out / "blimp_phenomena_deltas.png"),
         "sweep": figures.plot_sweep(data["sweep"], out / "sweep.png"),
         "cost": figures.plot_cost_against_perplexity(data["sweep"], data["draws"], out / "cost_vs_perplexity.png"),
-        "scores": figures.plot_scores(disc, out / "wasserstein_scores.png"),
+        "scores": figures.plot_scores(disc, out / "wasserstein_scores.png") or _kept(out / "wasserstein_scores.png"),
         "counts": figures.plot_counts(data["rows"], out / "neuron_counts.png"),
         "premise": figures.plot_premise(data["premise"], out / "premise.png"),
         "draws_groups": figures.plot_draws_groups(data["draws_pooled"], out / "draws_by_group.png"),

@@ -404,3 +404,24 @@ def test_the_lm_tasks_view_shows_baseline_values_and_paired_deltas_in_points():
         "| lambada_openai | perplexity | 43.7 | +22.5 ± 4.1 | - | - |",  # a filtered metric is not shown
     ]
     assert SECTIONS["lm-tasks"]({}) == []  # a report from before lm_eval ran
+
+
+def test_a_clone_without_the_discovery_statistics_keeps_the_premise(folder, tmp_path):
+    """stats.npz is not committed: the rebuild on a clone reads the premise back from premise.csv."""
+    cfg, disc, _ = folder
+    rng = np.random.default_rng(3)
+    w1 = rng.random((2, 200)) + 0.01
+    share_h, share_z, frac = rng.random((2, 200)), rng.random((2, 200)), rng.random((2, 200))
+    np.savez(disc / "stats.npz", w1=w1, w1_h_negative=w1 * share_h, w1_negative=w1 * share_z, frac_h_negative=frac)
+    write_report(cfg, disc, condition_sets(cfg), tmp_path / "no-model")
+    first = json.loads((tmp_path / "report.json").read_text())["premise"]
+    top = w1[0] >= np.sort(w1[0])[-2]  # top 1% of 200 neurons: the 2 largest
+    (layer0_w,) = [r for r in first if r["layer"] == "0" and r["group"] == "wasserstein"]
+    assert layer0_w["neurons"] == 2 and layer0_w["share_h_negative"] == pytest.approx(share_h[0][top].mean())
+
+    (disc / "stats.npz").unlink()
+    path = write_report(cfg, disc, condition_sets(cfg), tmp_path / "no-model")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["premise"] == first
+    text = path.read_text()
+    assert "## The premise" in text and "![Wasserstein scores](wasserstein_scores.png)" in text
