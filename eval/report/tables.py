@@ -28,19 +28,6 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns: tuple[str, ...] =
 
 TSE_FIELD_COLUMNS = ("condition", "metric", "field", "n", "acc_baseline", "acc", "delta", "ci_lo", "ci_hi", "p")
 PREMISE_COLUMNS = ("layer", "group", "neurons", "w1", "share_h_negative", "share_z_negative", "frac_h_negative")
-
-
-def read_premise_csv(path: Path) -> list[dict[str, Any]]:
-    """The premise rows a report wrote to ``premise.csv`` (empty when there is none).
-
-    The premise is computed from ``discovery/stats.npz``, which is too large to commit; a
-    clone rebuilds its report from the committed ``premise.csv`` instead of dropping the
-    section. ``csv`` writes floats with ``repr``, so the numbers come back exactly."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return [{"layer": r["layer"], "group": r["group"], "neurons": int(r["neurons"]),
-                 **{k: float(r[k]) for k in PREMISE_COLUMNS[3:]}} for r in csv.DictReader(fh)]
 HEAD_TO_HEAD_COLUMNS = ("top", "control", "control_kind", "draw", "task", "source", "n", "acc_wasserstein", "acc_control",
                         "diff", "ci_lo", "ci_hi", "p", "mde", "verdict")
 DRAW_COLUMNS = ("condition", "draw", "seed", "set", "neurons", "blimp_acc", "blimp_n", "blimp_delta", "blimp_ci_lo",
@@ -54,3 +41,16 @@ def group_rows(head_to_head: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each head-to-head comparison's per-group rows, flat, with the comparison's keys."""
     return [{**{k: r[k] for k in ("top", "control", "control_kind", "draw", "task")}, **g}
             for r in head_to_head for g in r.get("groups", [])]
+
+
+def read_premise_csv(path: Path) -> list[dict[str, Any]]:
+    """The premise rows a report wrote to ``premise.csv`` (empty when there is none).
+
+    The premise is computed from ``discovery/stats.npz``, which is too large to commit; a
+    clone rebuilds its report from the committed ``premise.csv`` instead of dropping the
+    section. ``csv`` writes floats with ``repr``, so the numbers come back exactly."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [{"layer": r["layer"], "group": r["group"], "neurons": int(r["neurons"]),
+                 **{k: float(r[k]) for k in PREMISE_COLUMNS[3:]}} for r in csv.DictReader(fh)]
