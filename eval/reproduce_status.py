@@ -14,7 +14,6 @@ import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from contextlib import closing
-from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -102,19 +101,21 @@ LM_TASK_CONDITIONS = 4
 
 def _lm_tasks_step(cfg: ReproduceConfig, root: Path) -> Step:
     """The lm_eval phase from its folder: conditions with a results file, how long the
-    finished ones took (``request.json``'s start to the results file), and the answers
-    already in the request cache of one in progress (lm_eval's sqlite file, read only)."""
+    finished ones took (lm_eval's own ``total_evaluation_time_seconds`` in that file: file
+    times are the checkout's on a clone), and the answers already in the request cache of
+    one in progress (lm_eval's sqlite file, read only)."""
     detail = f"{len(cfg.lm_tasks)} tasks x {LM_TASK_CONDITIONS} conditions, first {cfg.lm_tasks_limit} documents"
     if (root / "lm_tasks.json").is_file():
         return Step(name="lm_eval tasks", state="done", detail=detail)
     finished, seconds, answered = set(), [], 0
     for request in sorted(root.glob("runs/*/*/request.json")):
         folder = request.parent
-        results = sorted(folder.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+        results = sorted(folder.rglob("results_*.json"))  # lm_eval stamps the name with its time
         if results:
             finished.add(folder.parent.name)
-            started = datetime.fromisoformat(json.loads(request.read_text())["started_at"])
-            seconds.append(results[-1].stat().st_mtime - started.timestamp())
+            took = json.loads(results[-1].read_text()).get("total_evaluation_time_seconds")
+            if took is not None:
+                seconds.append(float(took))
         else:
             answered += sum(_cached_answers(db) for db in folder.glob("request-cache/*.db"))
     if not finished and not answered:

@@ -143,8 +143,9 @@ def test_the_plan_flag_prints_and_starts_nothing(tmp_path, sized, monkeypatch):
 
 
 def test_the_lm_eval_phase_counts_finished_conditions_and_cached_answers(tmp_path, sized):
-    """One condition finished 20 minutes after it started, one in progress with 3 answers in
-    its request cache (lm_eval's sqlite file), two not started: partly done, said so."""
+    """One condition finished in 20 minutes by lm_eval's own clock (its file's time is a
+    clone's, days later), one in progress with 3 answers in its request cache (lm_eval's
+    sqlite file), two not started: partly done, said so."""
     import os
     import sqlite3
     from datetime import datetime, timezone
@@ -158,8 +159,8 @@ def test_the_lm_eval_phase_counts_finished_conditions_and_cached_answers(tmp_pat
         (folder / "request.json").write_text(json.dumps({"started_at": started.isoformat()}))
     results = root / "baseline" / "sig" / "model" / "results_x.json"
     results.parent.mkdir()
-    results.write_text("{}")
-    os.utime(results, (started.timestamp() + 1200, started.timestamp() + 1200))
+    results.write_text(json.dumps({"total_evaluation_time_seconds": "1200.5"}))
+    os.utime(results, (started.timestamp() + 9e5, started.timestamp() + 9e5))  # a clone's checkout time
     cache = root / "wasserstein-negative-top1" / "sig" / "request-cache"
     cache.mkdir()
     with sqlite3.connect(cache / "h-float32_rank0.db") as conn:
