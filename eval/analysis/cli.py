@@ -12,5 +12,5 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-for _module in ("pos", "layers", "dynamics", "lm_tasks", "precision"):
+for _module in ("pos", "layers", "dynamics", "lm_tasks", "precision", "oracle_check"):
     importlib.import_module(f"eval.analysis.{_module}").register(app)
