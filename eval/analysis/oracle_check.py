@@ -161,8 +161,10 @@ def oracle_scorer(oracle: Any) -> Scorer:
 
 
 def check_task(samples_file: Path, encoder: Any, score: Scorer, documents: int, max_length: int,
-               condition: str, set_name: str | None, task: str) -> TaskCheck:
-    """Re-score the first ``documents`` logged documents of one samples file."""
+               condition: str, set_name: str | None, task: str,
+               advance: Callable[[], None] = lambda: None) -> TaskCheck:
+    """Re-score the first ``documents`` logged documents of one samples file (``advance``
+    is called after each, for a progress bar)."""
     diffs, per_token, agree, done, requests, too_long = [0.0], [0.0], 0, 0, 0, 0
     with samples_file.open(encoding="utf-8") as fh:
         for line in fh:
@@ -180,6 +182,7 @@ def check_task(samples_file: Path, encoder: Any, score: Scorer, documents: int, 
                 checks.append(RequestCheck(served_loglik=served, oracle_loglik=loglik,
                                            served_greedy=served_greedy, oracle_greedy=greedy,
                                            continuation_tokens=len(continuation_ids)))
+            advance()
             if not checks:
                 continue
             done += 1
@@ -214,6 +217,11 @@ def oracle_check(folder: Path, *, sets_dir: Path, documents: int, tasks: Sequenc
         raise ValueError(f"{folder}: no finished lm_eval run with logged samples under runs/ "
                          "(run `negablate analyze tasks` with --log-samples, the default)")
     sets = load_sets(sets_dir) if sets_dir.is_dir() else {}
+    for run in finished:  # every set found before anything is scored
+        condition = json.loads((run / "request.json").read_text(encoding="utf-8"))["condition"]
+        if condition.get("set") is not None and condition["set"] not in sets:
+            raise ValueError(f"condition {condition['label']}: set {condition['set']!r} is not in "
+                             f"{sets_dir} (give --sets-dir)")
     first = json.loads((finished[0] / "request.json").read_text(encoding="utf-8"))
     args = run_model_args(first)
     model_dir = model_dir or Path(args["tokenizer"])
@@ -222,23 +230,38 @@ def oracle_check(folder: Path, *, sets_dir: Path, documents: int, tasks: Sequenc
     score = oracle_scorer(oracle)
     max_length = int(args.get("max_length", 2048))
     results = []
-    for run in finished:
-        condition = json.loads((run / "request.json").read_text(encoding="utf-8"))["condition"]
-        set_name = condition.get("set")
-        if set_name is not None and set_name not in sets:
-            raise ValueError(f"condition {condition['label']}: set {set_name!r} is not in {sets_dir} "
-                             "(give --sets-dir)")
-        with oracle.ablated(sets.get(set_name) if set_name else None):
-            for samples in sorted(run.rglob("samples_*.jsonl")):
-                task = samples.name.removeprefix("samples_").rsplit("_", 1)[0]
-                if tasks and task not in tasks and task.removesuffix("_local") not in tasks:
-                    continue
-                results.append(check_task(samples, encoder, score, documents, max_length,
-                                          condition["label"], set_name, task))
-                console.print(f"  {condition['label']} {task}: max |diff| "
-                              f"{results[-1].max_abs_diff:.1e}, decisions {results[-1].decisions_agree}/"
-                              f"{results[-1].documents}")
+    with _progress() as progress:
+        for run in finished:
+            results += _check_run(run, sets, encoder, oracle, score, documents, max_length,
+                                  tasks, progress)
     return OracleCheck(folder=str(folder), model_dir=str(model_dir), tolerance=tolerance, tasks=results)
+
+
+def _progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console)
+
+
+def _check_run(run: Path, sets: dict[str, Any], encoder: Any, oracle: Any, score: Scorer,
+               documents: int, max_length: int, tasks: Sequence[str] | None, progress: Any) -> list[TaskCheck]:
+    """Every selected task of one condition's run, under its set."""
+    results = []
+    condition = json.loads((run / "request.json").read_text(encoding="utf-8"))["condition"]
+    set_name = condition.get("set")
+    with oracle.ablated(sets.get(set_name) if set_name else None):
+        for samples in sorted(run.rglob("samples_*.jsonl")):
+            task = samples.name.removeprefix("samples_").rsplit("_", 1)[0]
+            if tasks and task not in tasks and task.removesuffix("_local") not in tasks:
+                continue
+            with samples.open(encoding="utf-8") as fh:
+                total = min(documents, sum(1 for _ in fh))
+            bar = progress.add_task(f"{condition['label']} {task}", total=total)
+            results.append(check_task(samples, encoder, score, documents, max_length,
+                                      condition["label"], set_name, task,
+                                      advance=lambda bar=bar: progress.advance(bar)))
+    return results
 
 
 def print_check(check: OracleCheck) -> None:
