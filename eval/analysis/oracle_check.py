@@ -13,7 +13,8 @@ continuation's log-likelihood and greedy flag under the condition's neuron set.
 It reports, per condition and task, the largest log-likelihood difference (and per
 continuation token: a sum over a 30-token PIQA solution carries 30 tokens' rounding) and
 whether every document's decision (the highest-scoring choice; for one-request tasks the
-greedy flag) is the same. Float32 runs agree to a few 1e-5 per token; bfloat16 runs will not.
+greedy flag) is the same. Float32 runs agree to about 1e-4 per token (Gemma 3 270M's
+LAMBADA, 300 documents: 7e-5 at most); bfloat16 runs will not.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from rich.table import Table
 
 console = Console()
 
-DEFAULT_TOLERANCE = 1e-4
-"""Largest |served - oracle| log-likelihood per continuation token accepted (float32: ~3e-5)."""
+DEFAULT_TOLERANCE = 1e-3
+"""Largest |served - oracle| log-likelihood per continuation token accepted (float32: ~1e-4)."""
 
 
 class RequestCheck(BaseModel):
@@ -266,8 +267,7 @@ def _check_run(run: Path, sets: dict[str, Any], encoder: Any, oracle: Any, score
 
 def print_check(check: OracleCheck) -> None:
     table = Table(title=f"served lm_eval answers vs the transformers oracle ({check.model_dir})")
-    for col in ("condition", "task", "documents", "requests", "max |served - oracle|", "per token",
-                "same decision"):
+    for col in ("condition", "task", "documents", "requests", "max |diff|", "per token", "same decision"):
         table.add_column(col, justify="left" if col in ("condition", "task") else "right", overflow="fold")
     for t in check.tasks:
         table.add_row(t.condition, t.task, str(t.documents), str(t.requests), f"{t.max_abs_diff:.1e}",
