@@ -506,6 +506,9 @@ class LmTasksResult(BaseModel):
     """What ``lm_tasks.json`` holds."""
 
     model: str
+    model_dir_name: str | None = Field(
+        None, description="The tokenizer folder's name (e.g. gemma-3-270m): the served name is often "
+                          "just 'model', and a full path would name one machine.")
     server: str | None = None
     tasks: list[str]
     limit: int | None = None
@@ -528,7 +531,8 @@ def collect(cfg: LmTasksConfig, files: Mapping[str, Path]) -> LmTasksResult:
             continue
         rows += parse_results(json.loads(Path(f).read_text(encoding="utf-8")), c.label, c.set)
         samples[c.label] = load_samples(Path(f))
-    return LmTasksResult(model=cfg.model, server=cfg.server, tasks=cfg.tasks, limit=cfg.limit,
+    return LmTasksResult(model=cfg.model, model_dir_name=Path(cfg.tokenizer).name or None,
+                         server=cfg.server, tasks=cfg.tasks, limit=cfg.limit,
                          conditions=conds, rows=add_deltas(rows, samples),
                          results_files={k: os.path.relpath(Path(v).resolve(), cfg.out.resolve())
                                         for k, v in files.items()})
@@ -554,6 +558,14 @@ def write_outputs(result: LmTasksResult, out: Path) -> dict[str, Path]:
             w.writerow({k: ("" if v is None else v) for k, v in r.model_dump().items()})
     plot_deltas(result, paths["png"])
     return paths
+
+
+def plot_title(result: LmTasksResult) -> str:
+    """The model by its folder's name (the served name is often just 'model') and the limit."""
+    name = result.model if result.model_dir_name in (None, result.model) else \
+        f"{result.model_dir_name} (served as {result.model})"
+    limit = f", first {result.limit} documents per task" if result.limit else ""
+    return f"lm_eval tasks under ablation: {name}{limit}"
 
 
 def plot_deltas(result: LmTasksResult, path: Path) -> Path:
@@ -590,7 +602,7 @@ def plot_deltas(result: LmTasksResult, path: Path) -> Path:
             ax.text(0.5, 0.5, "no ablated condition", ha="center", va="center", transform=ax.transAxes)
     if conds and rows:
         axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"lm_eval tasks under ablation: {result.model}", fontsize=10)
+    fig.suptitle(plot_title(result), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -119,7 +119,8 @@ def write_report(cfg: Any, disc: Path, specs: list[ConditionSpec], model_dir: Pa
     result = {
         "config": json.loads(cfg.model_dump_json()), "model_dir": str(model_dir), "model": model_meta,
         "discovery": discovery, "discovery_corpus": corpus, "elapsed_s": elapsed_s, **data,
-        "figures": {k: str(v) for k, v in drawn.items() if v},
+        # relative to the report's folder: the same on every clone, however the command was called
+        "figures": {k: Path(v).relative_to(out).as_posix() for k, v in drawn.items() if v},
     }
     extra = _analysis_sections(out, result)
     (out / "report.json").write_text(json.dumps(result, indent=2, default=str))

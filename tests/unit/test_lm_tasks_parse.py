@@ -115,6 +115,7 @@ def test_paired_deltas_from_samples_and_outputs(tmp_path):
     paths = lt.write_outputs(result, tmp_path / "out")
     back = lt.load_result(tmp_path / "out")
     assert back.rows == result.rows and [c.model for c in back.conditions] == ["tiny@none", "tiny@ws"]
+    assert lt.plot_title(back) == "lm_eval tasks under ablation: nonexistent (served as tiny), first 40 documents per task"
     with paths["csv"].open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(result.rows) == 10

@@ -119,6 +119,9 @@ def test_the_main_table_has_the_numbers_of_its_runs(folder, tmp_path):
     assert sweep["blimp_n"] == 400
     assert sweep["blimp_delta"][0] == pytest.approx(arr["ablated"].mean() - arr["base"].mean())
     assert report["pending"] == [s.label for s in condition_sets(cfg)[2:]]
+    # figures named relative to the report's folder: no machine's path in a committed report
+    assert report["figures"] and all("/" not in name and (tmp_path / name).is_file()
+                                     for name in report["figures"].values())
     text = path.read_text()
     assert "**Not finished yet**" in text and "random-negative-top1" in text
     assert f"| wasserstein-negative-top1 | 5 | 2,000 | {arr['full_ablated'].mean() * 100:.1f} |" in text
