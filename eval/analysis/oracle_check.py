@@ -29,6 +29,8 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from eval.progress_log import ProgressLog
+
 console = Console()
 
 DEFAULT_TOLERANCE = 1e-3
@@ -231,10 +233,11 @@ def oracle_check(folder: Path, *, sets_dir: Path, documents: int, tasks: Sequenc
     score = oracle_scorer(oracle)
     max_length = int(args.get("max_length", 2048))
     results = []
+    log = ProgressLog(console)  # plain lines when the output is a file (nohup), a bar otherwise
     with _progress() as progress:
         for run in finished:
             results += _check_run(run, sets, encoder, oracle, score, documents, max_length,
-                                  tasks, progress)
+                                  tasks, progress, log)
     return OracleCheck(folder=str(folder), model_dir=str(model_dir), tolerance=tolerance, tasks=results)
 
 
@@ -246,7 +249,8 @@ def _progress() -> Any:
 
 
 def _check_run(run: Path, sets: dict[str, Any], encoder: Any, oracle: Any, score: Scorer,
-               documents: int, max_length: int, tasks: Sequence[str] | None, progress: Any) -> list[TaskCheck]:
+               documents: int, max_length: int, tasks: Sequence[str] | None, progress: Any,
+               log: ProgressLog) -> list[TaskCheck]:
     """Every selected task of one condition's run, under its set."""
     results = []
     condition = json.loads((run / "request.json").read_text(encoding="utf-8"))["condition"]
@@ -259,9 +263,15 @@ def _check_run(run: Path, sets: dict[str, Any], encoder: Any, oracle: Any, score
             with samples.open(encoding="utf-8") as fh:
                 total = min(documents, sum(1 for _ in fh))
             bar = progress.add_task(f"{condition['label']} {task}", total=total)
+            log.start(f"{condition['label']} {task}", total)
+
+            def advance(bar: Any = bar) -> None:
+                progress.advance(bar)
+                log.advance(1)
+
             results.append(check_task(samples, encoder, score, documents, max_length,
-                                      condition["label"], set_name, task,
-                                      advance=lambda bar=bar: progress.advance(bar)))
+                                      condition["label"], set_name, task, advance=advance))
+            log.finish()
     return results
 
 
