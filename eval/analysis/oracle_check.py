@@ -154,7 +154,9 @@ def oracle_scorer(oracle: Any) -> Scorer:
     @torch.no_grad()
     def score(ids: list[int], n_context: int) -> tuple[float, bool]:
         input_ids = torch.tensor([ids], dtype=torch.long, device=oracle.device)
-        logits = oracle.model(input_ids=input_ids).logits[0, n_context - 1:-1].float()
+        # only the rows that predict the continuation (Gemma's LM head is 262k wide)
+        keep = len(ids) - n_context + 1
+        logits = oracle.model(input_ids=input_ids, logits_to_keep=keep).logits[0, -keep:-1].float()
         targets = input_ids[0, n_context:]
         logprobs = torch.log_softmax(logits, dim=-1)
         loglik = float(logprobs.gather(-1, targets[:, None]).sum())
@@ -286,6 +288,29 @@ def print_check(check: OracleCheck) -> None:
     verdict = "[green]agree[/green]" if check.passed else "[bold red]DISAGREE[/bold red]"
     console.print(f"{verdict} (tolerance {check.tolerance:g} in log-likelihood per continuation token; "
                   "every decision the same)")
+
+
+def load_check(path: Path) -> OracleCheck:
+    """An ``oracle-check --out`` file."""
+    return OracleCheck.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def markdown_section(check: OracleCheck, name: str) -> str:
+    """The check as a REPORT.md section (``name``: its file, relative to the report)."""
+    verdict = "agree" if check.passed else "**disagree**"
+    lines = [
+        f"### Served lm_eval answers against the transformers oracle (`{name}`)", "",
+        "`negablate analyze oracle-check` re-scored the logged requests of the first documents "
+        "of each task with plain `transformers` (float32, the set's clamp as forward hooks), "
+        f"tokenized as lm_eval tokenized them: they {verdict} (tolerance {check.tolerance:g} "
+        "in log-likelihood per continuation token; a decision is the best choice, or for one-request "
+        "tasks the greedy flag).", "",
+        "| condition | task | documents | requests | max abs diff | per token | same decision |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {t.condition} | {t.task} | {t.documents} | {t.requests} | {t.max_abs_diff:.1e} | "
+              f"{t.max_abs_diff_per_token:.1e} | {t.decisions_agree}/{t.documents} |" for t in check.tasks]
+    return "\n".join(lines) + "\n"
 
 
 def register(app: typer.Typer) -> None:

@@ -36,7 +36,8 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 def _analysis_sections(out: Path, result: dict[str, Any]) -> list[str]:
-    """The lm_eval tasks (the non-grammatical side) and the layer analysis, when run."""
+    """The lm_eval tasks (the non-grammatical side), their oracle checks and the layer
+    analysis, when run."""
     sections = []
     if (out / "lm_tasks" / "lm_tasks.json").exists():
         from eval.analysis.lm_tasks import load_result, markdown_section
@@ -44,6 +45,13 @@ def _analysis_sections(out: Path, result: dict[str, Any]) -> list[str]:
         lm_tasks = load_result(out / "lm_tasks" / "lm_tasks.json")
         result["lm_tasks"] = json.loads(lm_tasks.model_dump_json())
         sections.append(markdown_section(lm_tasks, image="lm_tasks/lm_tasks.png"))
+    for check_file in sorted((out / "lm_tasks").glob("oracle_check*.json")):
+        from eval.analysis import oracle_check
+
+        check = oracle_check.load_check(check_file)
+        name = check_file.relative_to(out).as_posix()
+        result.setdefault("oracle_checks", {})[name] = json.loads(check.model_dump_json())
+        sections.append(oracle_check.markdown_section(check, name))
     if (out / "layers" / "layers.json").is_file():
         from eval.analysis import layers
 

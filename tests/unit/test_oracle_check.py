@@ -88,3 +88,17 @@ def test_answers_logged_without_the_set_disagree_when_checked_under_it(toy):
     with pytest.raises(ValueError, match="not in"):
         oracle_check(root, sets_dir=root / "nowhere", documents=1, conditions=["mislabelled"],
                      oracle_factory=lambda _: oracle)
+
+
+def test_a_saved_check_becomes_a_report_section(toy, tmp_path):
+    from eval.analysis.oracle_check import OracleCheck, TaskCheck, load_check, markdown_section
+
+    task = TaskCheck(condition="neg", set="neg", task="toy_local", documents=4, requests=6,
+                     max_abs_diff=3e-5, max_abs_diff_per_token=2e-5, decisions_agree=4)
+    check = OracleCheck(folder="f", model_dir="m", tolerance=1e-3, tasks=[task])
+    (tmp_path / "oc.json").write_text(check.model_dump_json())
+    text = markdown_section(load_check(tmp_path / "oc.json"), "lm_tasks/oc.json")
+    assert "they agree (tolerance 0.001" in text
+    assert "| neg | toy_local | 4 | 6 | 3.0e-05 | 2.0e-05 | 4/4 |" in text.splitlines()
+    bad = check.model_copy(update={"tasks": [task.model_copy(update={"decisions_agree": 3})]})
+    assert not bad.passed and "they **disagree**" in markdown_section(bad, "x")

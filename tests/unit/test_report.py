@@ -428,3 +428,19 @@ def test_a_clone_without_the_discovery_statistics_keeps_the_premise(folder, tmp_
     assert report["premise"] == first
     text = path.read_text()
     assert "## The premise" in text and "![Wasserstein scores](wasserstein_scores.png)" in text
+
+
+def test_an_oracle_check_beside_the_lm_tasks_is_in_the_report(folder, tmp_path):
+    from eval.analysis.oracle_check import OracleCheck, TaskCheck
+
+    cfg, disc, _ = folder
+    check = OracleCheck(folder="lm_tasks", model_dir="m", tolerance=1e-3, tasks=[TaskCheck(
+        condition="wasserstein-top1", set="wasserstein-top1", task="lambada_openai_local", documents=300,
+        requests=300, max_abs_diff=6.5e-5, max_abs_diff_per_token=6.5e-5, decisions_agree=300)])
+    (tmp_path / "lm_tasks").mkdir()
+    (tmp_path / "lm_tasks" / "oracle_check_lambada.json").write_text(check.model_dump_json())
+    path = write_report(cfg, disc, condition_sets(cfg), tmp_path / "no-model")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["oracle_checks"]["lm_tasks/oracle_check_lambada.json"]["tasks"][0]["decisions_agree"] == 300
+    assert "| wasserstein-top1 | lambada_openai_local | 300 | 300 | 6.5e-05 | 6.5e-05 | 300/300 |" in \
+        path.read_text().splitlines()
