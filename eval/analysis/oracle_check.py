@@ -284,7 +284,7 @@ def print_check(check: OracleCheck) -> None:
     for t in check.tasks:
         table.add_row(t.condition, t.task, str(t.documents), str(t.requests), f"{t.max_abs_diff:.1e}",
                       f"{t.max_abs_diff_per_token:.1e}", f"{t.decisions_agree}/{t.documents}")
-    console.print(table)
+    console.print(table, width=None if console.is_terminal else 160)  # a log file: no folding
     verdict = "[green]agree[/green]" if check.passed else "[bold red]DISAGREE[/bold red]"
     console.print(f"{verdict} (tolerance {check.tolerance:g} in log-likelihood per continuation token; "
                   "every decision the same)")
