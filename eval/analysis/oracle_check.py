@@ -82,22 +82,18 @@ class OracleCheck(BaseModel):
         return all(t.ok and t.max_abs_diff_per_token <= self.tolerance for t in self.tasks)
 
 
-def parse_model_args(text: str) -> dict[str, str]:
-    """lm_eval's ``--model_args`` string (``k=v,k=v``) as a dict."""
-    return dict(item.split("=", 1) for item in text.split(",") if "=" in item)
-
-
-def run_model_args(request: dict[str, Any]) -> dict[str, str]:
-    """The ``--model_args`` a run's ``request.json`` recorded for lm_eval."""
+def run_model_args(request: dict[str, Any]) -> str:
+    """The ``--model_args`` string a run's ``request.json`` recorded for lm_eval."""
     command = request.get("command", [])
     try:
-        return parse_model_args(command[command.index("--model_args") + 1])
+        return command[command.index("--model_args") + 1]
     except (ValueError, IndexError):
         raise ValueError("request.json records no lm_eval --model_args") from None
 
 
-def encoder_for(model_args: dict[str, str]) -> Any:
-    """lm_eval's own model object for the run's arguments, used only for tokenizing.
+def encoder_for(model_args: str) -> Any:
+    """lm_eval's own model object, built from the run's ``--model_args`` as lm_eval built
+    it (``create_from_arg_string``), used only for tokenizing and its ``max_length``.
 
     Its ``_encode_pair`` (trailing context spaces moved to the continuation, whole
     sequence encoded then split, BOS per ``add_bos_token``) is what decided the served
@@ -105,14 +101,7 @@ def encoder_for(model_args: dict[str, str]) -> Any:
     """
     from eval.lm_eval_tasks.negablate_lm import NegablateLoglikelihoodAPI
 
-    kwargs: dict[str, Any] = {k: v for k, v in model_args.items() if k in {
-        "base_url", "tokenizer", "tokenizer_backend", "add_bos_token", "max_length", "prefix_token_id"}}
-    for key in ("max_length", "prefix_token_id"):
-        if key in kwargs:
-            kwargs[key] = int(kwargs[key])
-    if "add_bos_token" in kwargs:
-        kwargs["add_bos_token"] = kwargs["add_bos_token"] == "True"
-    return NegablateLoglikelihoodAPI(**kwargs)
+    return NegablateLoglikelihoodAPI.create_from_arg_string(model_args)
 
 
 def encode_request(encoder: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -179,7 +168,7 @@ def check_task(samples_file: Path, encoder: Any, score: Scorer, documents: int, 
             for context, continuation, served, served_greedy in sample_requests(json.loads(line)):
                 context_ids, continuation_ids = encode_request(encoder, context, continuation)
                 ids = context_ids + continuation_ids
-                if len(ids) > max_length:  # lm_eval left-truncates these: not checked here
+                if len(ids) > max_length:  # lm_eval left-truncated these: not checked here
                     too_long += 1
                     checks = []
                     break
@@ -212,6 +201,8 @@ def oracle_check(folder: Path, *, sets_dir: Path, documents: int, tasks: Sequenc
                  tolerance: float = DEFAULT_TOLERANCE, oracle_factory: Callable[[Path], Any] | None = None,
                  ) -> OracleCheck:
     """Check every finished condition of an lm_tasks folder (``runs/<label>/<hash>/``)."""
+    from lm_eval.utils import simple_parse_args_string
+
     from vllm_negablate.oracle import HFAblationOracle
 
     runs = sorted(p.parent for p in folder.glob("runs/*/*/request.json"))
@@ -221,24 +212,23 @@ def oracle_check(folder: Path, *, sets_dir: Path, documents: int, tasks: Sequenc
     if not finished:
         raise ValueError(f"{folder}: no finished lm_eval run with logged samples under runs/ "
                          "(run `negablate analyze tasks` with --log-samples, the default)")
+    requests = {run: json.loads((run / "request.json").read_text(encoding="utf-8")) for run in finished}
     sets = load_sets(sets_dir) if sets_dir.is_dir() else {}
-    for run in finished:  # every set found before anything is scored
-        condition = json.loads((run / "request.json").read_text(encoding="utf-8"))["condition"]
+    for request in requests.values():  # every set found before anything is scored
+        condition = request["condition"]
         if condition.get("set") is not None and condition["set"] not in sets:
             raise ValueError(f"condition {condition['label']}: set {condition['set']!r} is not in "
                              f"{sets_dir} (give --sets-dir)")
-    first = json.loads((finished[0] / "request.json").read_text(encoding="utf-8"))
-    args = run_model_args(first)
-    model_dir = model_dir or Path(args["tokenizer"])
+    args = run_model_args(requests[finished[0]])
     encoder = encoder_for(args)
+    model_dir = model_dir or Path(simple_parse_args_string(args)["tokenizer"])
     oracle = (oracle_factory or HFAblationOracle)(model_dir)
     score = oracle_scorer(oracle)
-    max_length = int(args.get("max_length", 2048))
     results = []
     log = ProgressLog(console)  # plain lines when the output is a file (nohup), a bar otherwise
     with _progress() as progress:
-        for run in finished:
-            results += _check_run(run, sets, encoder, oracle, score, documents, max_length,
+        for run, request in requests.items():
+            results += _check_run(run, request["condition"], sets, encoder, score, oracle, documents,
                                   tasks, progress, log)
     return OracleCheck(folder=str(folder), model_dir=str(model_dir), tolerance=tolerance, tasks=results)
 
@@ -250,12 +240,11 @@ def _progress() -> Any:
                     TimeElapsedColumn(), console=console)
 
 
-def _check_run(run: Path, sets: dict[str, Any], encoder: Any, oracle: Any, score: Scorer,
-               documents: int, max_length: int, tasks: Sequence[str] | None, progress: Any,
+def _check_run(run: Path, condition: dict[str, Any], sets: dict[str, Any], encoder: Any, score: Scorer,
+               oracle: Any, documents: int, tasks: Sequence[str] | None, progress: Any,
                log: ProgressLog) -> list[TaskCheck]:
     """Every selected task of one condition's run, under its set."""
     results = []
-    condition = json.loads((run / "request.json").read_text(encoding="utf-8"))["condition"]
     set_name = condition.get("set")
     with oracle.ablated(sets.get(set_name) if set_name else None):
         for samples in sorted(run.rglob("samples_*.jsonl")):
@@ -271,7 +260,7 @@ def _check_run(run: Path, sets: dict[str, Any], encoder: Any, oracle: Any, score
                 progress.advance(bar)
                 log.advance(1)
 
-            results.append(check_task(samples, encoder, score, documents, max_length,
+            results.append(check_task(samples, encoder, score, documents, encoder.max_length,
                                       condition["label"], set_name, task, advance=advance))
             log.finish()
     return results
@@ -284,9 +273,10 @@ def print_check(check: OracleCheck) -> None:
     for t in check.tasks:
         table.add_row(t.condition, t.task, str(t.documents), str(t.requests), f"{t.max_abs_diff:.1e}",
                       f"{t.max_abs_diff_per_token:.1e}", f"{t.decisions_agree}/{t.documents}")
-    console.print(table, width=None if console.is_terminal else 160)  # a log file: no folding
+    wide = console if console.is_terminal else Console(width=160)  # a log file: no folding at 80
+    wide.print(table)
     verdict = "[green]agree[/green]" if check.passed else "[bold red]DISAGREE[/bold red]"
-    console.print(f"{verdict} (tolerance {check.tolerance:g} in log-likelihood per continuation token; "
+    wide.print(f"{verdict} (tolerance {check.tolerance:g} in log-likelihood per continuation token; "
                   "every decision the same)")
 
 

@@ -34,7 +34,7 @@ def _write_run(root, label, set_name, model_dir, oracle, neuron_set, tamper=0.0)
     (run / "request.json").write_text(json.dumps({
         "condition": {"label": label, "set": set_name, "model": f"model@{label}"},
         "command": ["python", "-m", "eval.lm_eval_tasks.negablate_lm", "--model_args", model_args]}))
-    encoder = encoder_for(dict(item.split("=", 1) for item in model_args.split(",")))
+    encoder = encoder_for(model_args)
     lines = []
     for i, (context, choices) in enumerate(DOCS):
         resps, arguments = [], {}
